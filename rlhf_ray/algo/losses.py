@@ -1,0 +1,149 @@
+"""PPO and reward-model losses. Pure functions on tensors."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .masked import masked_mean
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` per position.
+
+    Args:
+        logits: Shape (batch, time, vocab).
+        labels: Shape (batch, time), int64.
+
+    Returns:
+        Shape (batch, time).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, masked mean over tokens.
+
+    ``r = exp(logprobs - old_logprobs)``;
+    ``L = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))``.
+
+    Args:
+        logprobs, old_logprobs, advantages, mask: Shape (batch, time).
+
+    Returns:
+        (loss, stats). stats: ``clip_frac`` (share of tokens where the clipped term was
+        strictly larger, i.e. the gradient was cut) and ``approx_kl`` (k3 estimate of
+        KL(old || new): mean((r - 1) - log r), >= 0).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> torch.Tensor:
+    """Clipped value loss: ``0.5 * mean(max((V - R)^2, (V_clip - R)^2))`` with
+    ``V_clip = V_old + clip(V - V_old, -eps, eps)``.
+
+    Args:
+        values, old_values, returns, mask: Shape (batch, time).
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean entropy ``H = logsumexp(z) - sum(softmax(z) * z)`` of each position's
+    categorical distribution.
+
+    Args:
+        logits: Shape (batch, time, vocab).
+        mask: Shape (batch, time).
+    """
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    ent = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    return masked_mean(ent, mask)
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float,
+    value_clip_eps: float,
+    vf_coef: float,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L = policy_loss + vf_coef * value_loss - entropy_coef * entropy``.
+
+    Args:
+        logprobs, old_logprobs, advantages, values, old_values, returns, mask:
+            Shape (batch, time).
+        logits: Shape (batch, time, vocab), the policy's logits at the same positions.
+
+    Returns:
+        (loss, parts) with parts ``policy_loss``, ``value_loss``, ``entropy``,
+        ``clip_frac``, ``approx_kl`` (all detached).
+    """
+    pg, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    vl = value_loss(values, old_values, returns, mask, value_clip_eps)
+    ent = entropy_from_logits(logits, mask)
+    loss = pg + vf_coef * vl - entropy_coef * ent
+    parts = {"policy_loss": pg.detach(), "value_loss": vl.detach(), "entropy": ent.detach(), **stats}
+    return loss, parts
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: Optional[Union[torch.Tensor, float]] = None,
+) -> torch.Tensor:
+    """Pairwise ranking loss with optional margin (as in Llama 2's reward models):
+    ``mean(-log sigmoid(r_chosen - r_rejected - margin))``.
+
+    Args:
+        chosen_rewards, rejected_rewards: Shape (pairs,).
+        margin: None, a float, or shape (pairs,); larger for pairs rated further apart.
+
+    Raises:
+        ValueError: empty or mismatched inputs.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"shape mismatch: chosen {tuple(chosen_rewards.shape)} vs "
+                         f"rejected {tuple(rejected_rewards.shape)}")
+    if chosen_rewards.numel() == 0:
+        raise ValueError("pairwise_reward_loss needs at least one pair")
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()

@@ -1,0 +1,328 @@
+"""Typed run configuration: YAML file + dotted overrides -> frozen dataclass tree.
+
+Every setting has exactly one home here. Loading validates types (OmegaConf structured
+configs), unknown keys and value ranges (``__post_init__`` of each section) and raises
+:class:`ConfigError` naming the file and the dotted key, so a bad config fails before
+any Ray actor starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the source and the dotted key."""
+
+
+class _FieldError(ValueError):
+    """Raised by a section's range checks; ``load_config`` adds file and section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v > 0, n, f"must be > 0, got {v!r}")
+
+
+def _unit_interval(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(0.0 <= v <= 1.0, n, f"must be in [0, 1], got {v!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy's base model."""
+
+    path: Optional[str] = None  # local directory or hub id; None = build the tiny model
+    tiny_dir: str = "runs/_tiny_model"  # where the tiny model is built when path is None
+    dtype: str = "float32"  # float32 on CPU keeps vLLM and HF log-probs in agreement
+    tiny_layers: int = 2
+    tiny_hidden: int = 128
+    tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
+    tiny_vocab: int = 512
+    tiny_max_positions: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_vocab", "tiny_max_positions")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+               f"must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
+               f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA adapter trained by the learner and served by the generators."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank!r}")
+        _positive(self, "alpha")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompts for PPO. None = the project's generated review-sentiment task."""
+
+    prompts_path: Optional[str] = None  # JSONL file or `datasets` directory with a `prompt` column
+    num_prompts: int = 256
+    max_prompt_tokens: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_prompts", "max_prompt_tokens")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """vLLM generator actors; their count is independent of the learner's workers."""
+
+    num_actors: int = 2
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_lora_rank: int = 16  # vLLM's default is 16; the policy's lora.rank must fit under it
+    max_loras: int = 1
+    kv_cache_mib: int = 256  # explicit KV cache so several engines fit beside the learner
+    gpu_memory_utilization: float = 0.1  # on CPU vLLM reads this as a fraction of RAM
+    num_cpus: float = 0.5  # Ray bookkeeping: roles outnumber cores on a laptop
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 1, "num_actors", f"must be >= 1, got {self.num_actors!r}")
+        _positive(self, "max_new_tokens", "temperature", "max_lora_rank", "max_loras", "kv_cache_mib")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward model: a sequence-classification head with one output."""
+
+    path: Optional[str] = None  # local directory of a trained reward model
+    batch_size: int = 32
+    num_cpus: float = 0.25
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """Reference policy for the KL penalty."""
+
+    mode: str = "shared_base"  # shared_base: learner's base with adapter off; actor: own copy
+    num_cpus: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("shared_base", "actor"), "mode",
+               f"must be 'shared_base' or 'actor', got {self.mode!r}")
+        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Ray Train data-parallel learner."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    lr: float = 1e-3
+    epochs: int = 2  # PPO epochs over each rollout batch
+    minibatch_size: int = 16
+    max_grad_norm: float = 1.0
+    num_cpus_per_worker: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
+        _positive(self, "lr", "epochs", "minibatch_size", "max_grad_norm")
+        _check(self.num_cpus_per_worker >= 0, "num_cpus_per_worker",
+               f"must be >= 0, got {self.num_cpus_per_worker!r}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO objective and schedule."""
+
+    steps: int = 10
+    batch_size: int = 32  # prompts per step, split across rollout actors
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: Optional[float] = None  # set to use the adaptive KL controller
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "clip_eps", "value_clip_eps", "kl_horizon")
+        _unit_interval(self, "gamma", "lam")
+        _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef!r}")
+        _check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef!r}")
+        _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef!r}")
+        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator",
+               f"must be one of k1, k2, k3, got {self.kl_estimator!r}")
+        _check(self.kl_target is None or self.kl_target > 0, "kl_target",
+               f"must be > 0 or null, got {self.kl_target!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where Ray runs. address None: RAY_ADDRESS if set, else a local head started here."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # logical CPUs of a local head; None = Ray's count
+    call_timeout_s: float = 600.0  # every remote call that can hang gets this timeout
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
+               f"must be >= 1 or null, got {self.num_cpus!r}")
+        _positive(self, "call_timeout_s")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where a run writes its metrics, adapters and report."""
+
+    dir: str = "runs"
+    name: str = "default"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.dir) / self.name
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name",
+               f"must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        # Checks that span sections; keys are given in full.
+        _check(self.lora.rank <= self.rollout.max_lora_rank, "lora.rank",
+               f"{self.lora.rank} exceeds the engines' rollout.max_lora_rank={self.rollout.max_lora_rank}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _finite_floats(section_name: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _FieldError(f.name, f"must be finite, got {v!r}")
+
+
+def _reason(e: OmegaConfBaseException) -> str:
+    # OmegaConf appends full_key/object_type lines; the key is already in our prefix.
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _build(merged: Any, source: str) -> Config:
+    sections = {}
+    for f in dataclasses.fields(Config):
+        try:
+            obj = OmegaConf.to_object(merged[f.name])
+            _finite_floats(f.name, obj)
+        except _FieldError as e:
+            raise ConfigError(f"{source}: {f.name}.{e.key}: {e}") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {f.name}.{getattr(e, 'full_key', '')}: {_reason(e)}") from None
+        sections[f.name] = obj
+    try:
+        return Config(**sections)
+    except _FieldError as e:
+        raise ConfigError(f"{source}: {e.key}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: missing/unparsable file, unknown key, wrong type or out-of-range
+            value; the message names the file (or "override") and the dotted key.
+    """
+    schema = OmegaConf.structured(Config)
+    # Frozen dataclasses make a read-only schema; merging needs it writable, and the
+    # result is frozen again when the dataclasses are built.
+    OmegaConf.set_readonly(schema, False)
+    source = "<defaults>"
+    layers = [schema]
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:  # its text carries line and column
+            raise ConfigError(f"{source}: cannot parse YAML: {e}") from None
+        if raw is None:
+            raw = {}  # an empty file means all defaults
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+        layers.append(OmegaConf.create(raw))
+    overrides = list(overrides)
+    try:
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e.full_key}: {_reason(e)}") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"{source}: override {ov!r}: expected key.sub=value")
+        key = ov.split("=", 1)[0].strip()
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: override {ov!r}: {e.full_key or key}: {_reason(e)}") from None
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
+    return _build(merged, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, e.g. to store beside a run's outputs."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

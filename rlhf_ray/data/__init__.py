@@ -1,0 +1,1 @@
+"""Datasets: the generated default task, prompt and preference-pair loaders."""

@@ -1,0 +1,67 @@
+"""Loading base models, tokenizers and LoRA adapters: one path for a local directory,
+a hub id, or the locally built tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import LoraConfig, ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """The directory (or hub id) to load. With ``model.path`` unset, builds the tiny model."""
+    if cfg.path is None:
+        from .tiny import build_tiny_model
+
+        return str(build_tiny_model(
+            cfg.tiny_dir, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
+            vocab_size=cfg.tiny_vocab, max_positions=cfg.tiny_max_positions, seed=cfg.seed,
+        ))
+    p = Path(cfg.path)
+    looks_local = cfg.path.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not (p.expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json in that directory")
+    return str(p.expanduser()) if looks_local else cfg.path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # Llama-2's tokenizer ships without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype(dtype))
+
+
+def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True):
+    """PEFT's LoraConfig for the policy. ``init_lora_weights=False`` gives a random
+    (non-identity) adapter, which tests use to see that an adapter changes outputs."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        init_lora_weights=init_lora_weights,
+    )
+
+
+def add_lora(model, cfg: LoraConfig, *, init_lora_weights: bool = True):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(cfg, init_lora_weights=init_lora_weights))

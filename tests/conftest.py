@@ -1,0 +1,39 @@
+"""Session fixtures: the tiny model is built once and vLLM engines start once per session,
+because engine start-up and LoRA warm-up cost tens of seconds on 2 cores."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from rlhf_ray.config import load_config
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory):
+    """The shipped tiny config, with its model and outputs moved under the test's tmp dir."""
+    base = tmp_path_factory.mktemp("run")
+    return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+        f"model.tiny_dir={base / 'tiny_model'}",
+        f"output.dir={base / 'runs'}",
+    ])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_cfg):
+    from rlhf_ray.models import resolve_model_path
+
+    return resolve_model_path(tiny_cfg.model)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_cfg, tiny_model_dir):
+    from rlhf_ray.actors.engine import build_engine
+
+    llm = build_engine(tiny_cfg, tiny_model_dir)
+    yield llm
+    del llm

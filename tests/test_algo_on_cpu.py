@@ -1,0 +1,315 @@
+"""The RL maths against plain-Python loops written here, independently of rlhf_ray.algo."""
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhf_ray.algo import (
+    AdaptiveKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    kl_shaped_rewards,
+    logprobs_from_logits,
+    pairwise_reward_loss,
+    policy_loss,
+    ppo_loss,
+    value_loss,
+    whiten,
+)
+
+
+def _padded_mask(batch, time, seed=0):
+    """Rows with a prompt prefix of zeros, a response of ones, right padding of zeros."""
+    rng = random.Random(seed)
+    mask = torch.zeros(batch, time)
+    for b in range(batch):
+        start = rng.randint(0, time // 3)
+        length = rng.randint(1, time - start)
+        mask[b, start:start + length] = 1.0
+    return mask
+
+
+def _rand(batch, time, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, time, generator=g, dtype=torch.float64)
+
+
+def _loop_mean(values, mask):
+    tot, n = 0.0, 0
+    for row_v, row_m in zip(values, mask):
+        for v, m in zip(row_v, row_m):
+            if m:
+                tot += v
+                n += 1
+    return tot / n
+
+
+# ---------- GAE ----------
+
+def _loop_gae(rewards, values, mask, gamma, lam):
+    adv = [[0.0] * len(r) for r in rewards]
+    for b in range(len(rewards)):
+        idx = [t for t in range(len(rewards[b])) if mask[b][t]]
+        running = 0.0
+        for j in reversed(range(len(idx))):
+            t = idx[j]
+            v_next = values[b][idx[j + 1]] if j + 1 < len(idx) else 0.0
+            delta = rewards[b][t] + gamma * v_next - values[b][t]
+            running = delta + gamma * lam * running
+            adv[b][t] = running
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
+def test_gae_matches_loop(gamma, lam):
+    r, v = _rand(5, 12, 1), _rand(5, 12, 2)
+    mask = _padded_mask(5, 12, seed=3)
+    adv, ret = gae(r, v, mask, gamma, lam)
+    expected = _loop_gae(r.tolist(), v.tolist(), mask.tolist(), gamma, lam)
+    assert torch.allclose(adv, torch.tensor(expected, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(ret, adv + v)
+
+
+def test_gae_skips_holes_in_mask():
+    # A hole in the middle of a response (e.g. a tool output) must be skipped, not bridged with V=0.
+    r = torch.tensor([[0.0, 1.0, 5.0, 2.0]], dtype=torch.float64)
+    v = torch.tensor([[0.5, 0.3, 9.0, 0.1]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    adv, _ = gae(r, v, mask, 1.0, 1.0)
+    # t=3: 2 - 0.1 = 1.9; t=1: (1 + 0.1 - 0.3) + 1.9 = 2.7
+    assert adv[0].tolist() == pytest.approx([0.0, 2.7, 0.0, 1.9])
+
+
+def test_gae_all_zero_mask_is_zero_not_nan():
+    adv, ret = gae(_rand(2, 4, 0), _rand(2, 4, 1), torch.zeros(2, 4), 1.0, 0.95)
+    assert torch.count_nonzero(adv) == 0 and not torch.isnan(ret).any()
+
+
+def test_gae_shape_mismatch_is_clear():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), 1.0, 1.0)
+
+
+# ---------- policy loss ----------
+
+def _loop_policy(lp, old, adv, mask, eps):
+    losses, clipped, kls = [], [], []
+    for b in range(len(lp)):
+        for t in range(len(lp[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(lp[b][t] - old[b][t])
+            a = adv[b][t]
+            unc = -a * ratio
+            clp = -a * min(max(ratio, 1 - eps), 1 + eps)
+            losses.append(max(unc, clp))
+            clipped.append(1.0 if clp > unc else 0.0)
+            kls.append((ratio - 1) - math.log(ratio))
+    n = len(losses)
+    return sum(losses) / n, sum(clipped) / n, sum(kls) / n
+
+
+def test_policy_loss_matches_loop():
+    lp, old, adv = _rand(4, 10, 4) * 0.3, _rand(4, 10, 5) * 0.3, _rand(4, 10, 6)
+    mask = _padded_mask(4, 10, seed=7)
+    loss, stats = policy_loss(lp, old, adv, mask, 0.2)
+    e_loss, e_clip, e_kl = _loop_policy(lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2)
+    assert loss.item() == pytest.approx(e_loss, abs=1e-10)
+    assert stats["clip_frac"].item() == pytest.approx(e_clip)
+    assert stats["approx_kl"].item() == pytest.approx(e_kl, abs=1e-10)
+    assert 0 < e_clip < 1  # the random draw exercises both branches
+
+
+def test_policy_loss_at_clip_boundaries():
+    eps = 0.2
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    # ratios exactly 1-eps, 1+eps, and just beyond each
+    ratios = torch.tensor([[1 - eps, 1 + eps, 1 + eps + 1e-3, 1 - eps - 1e-3]], dtype=torch.float64)
+    lp = torch.log(ratios).requires_grad_(True)
+    adv = torch.tensor([[-1.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4)
+    loss, stats = policy_loss(lp, old, adv, mask, eps)
+    # On the boundary the terms are equal (not clipped); beyond it positive/negative
+    # advantages are clipped, and their gradient is zero.
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert lp.grad[0, 2].item() == 0.0 and lp.grad[0, 3].item() == 0.0
+    assert lp.grad[0, 0].item() != 0.0 and lp.grad[0, 1].item() != 0.0
+
+
+def test_policy_loss_zero_mask_defined_and_padding_inf_ignored():
+    lp = torch.zeros(2, 3)
+    lp[:, 2] = float("-inf")  # padding positions may hold -inf log-probs
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss, stats = policy_loss(lp, torch.zeros(2, 3), torch.ones(2, 3), mask, 0.2)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-1.0)
+    loss0, stats0 = policy_loss(lp, torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3), 0.2)
+    assert loss0.item() == 0.0 and stats0["clip_frac"].item() == 0.0
+
+
+# ---------- value loss ----------
+
+def test_value_loss_matches_loop():
+    v, old, ret = _rand(3, 8, 8), _rand(3, 8, 9), _rand(3, 8, 10)
+    mask = _padded_mask(3, 8, seed=11)
+    eps = 0.2
+    got = value_loss(v, old, ret, mask, eps)
+    terms = []
+    for b in range(3):
+        for t in range(8):
+            if mask[b, t]:
+                vc = old[b, t].item() + min(max(v[b, t].item() - old[b, t].item(), -eps), eps)
+                terms.append(max((v[b, t].item() - ret[b, t].item()) ** 2, (vc - ret[b, t].item()) ** 2))
+    assert got.item() == pytest.approx(0.5 * sum(terms) / len(terms), abs=1e-10)
+    assert value_loss(v, old, ret, torch.zeros(3, 8), eps).item() == 0.0
+
+
+def test_value_loss_at_clip_boundary_equals_unclipped():
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    v = torch.tensor([[0.2, -0.2]], dtype=torch.float64)
+    ret = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    got = value_loss(v, old, ret, torch.ones(1, 2), 0.2)
+    assert got.item() == pytest.approx(0.5 * ((0.8 ** 2) + (1.2 ** 2)) / 2)
+
+
+# ---------- entropy, log-probs ----------
+
+def test_entropy_and_logprobs_match_loop():
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    mask = _padded_mask(2, 5, seed=13)
+    ents = []
+    for b in range(2):
+        for t in range(5):
+            if mask[b, t]:
+                z = logits[b, t].tolist()
+                mz = max(z)
+                s = sum(math.exp(x - mz) for x in z)
+                ps = [math.exp(x - mz) / s for x in z]
+                ents.append(-sum(p * math.log(p) for p in ps))
+    assert entropy_from_logits(logits, mask).item() == pytest.approx(sum(ents) / len(ents), abs=1e-6)
+    assert entropy_from_logits(logits, torch.zeros(2, 5)).item() == 0.0
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    lp = logprobs_from_logits(logits, labels)
+    b, t = 1, 3
+    z = logits[b, t].tolist()
+    expected = z[labels[b, t]] - math.log(sum(math.exp(x) for x in z))
+    assert lp[b, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_uniform_entropy_is_log_vocab():
+    assert entropy_from_logits(torch.zeros(1, 1, 11), torch.ones(1, 1)).item() == pytest.approx(math.log(11))
+
+
+# ---------- KL ----------
+
+def test_kl_estimators_match_loop():
+    lp, ref = _rand(2, 6, 14) * 0.5, _rand(2, 6, 15) * 0.5
+    for kind, fn in {
+        "k1": lambda a, b: a - b,
+        "k2": lambda a, b: 0.5 * (a - b) ** 2,
+        "k3": lambda a, b: (math.exp(b - a) - 1) - (b - a),
+    }.items():
+        got = kl_penalty(lp, ref, kind)
+        for i in range(2):
+            for j in range(6):
+                assert got[i, j].item() == pytest.approx(fn(lp[i, j].item(), ref[i, j].item()), abs=1e-10)
+    assert (kl_penalty(lp, ref, "k3") >= 0).all() and (kl_penalty(lp, ref, "k2") >= 0).all()
+    with pytest.raises(ValueError, match="unknown KL estimator 'k9'"):
+        kl_penalty(lp, ref, "k9")
+
+
+def test_kl_shaped_rewards_places_score_on_last_response_token():
+    lp = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0, 0.0], [0.0, -2.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    rewards, kl = kl_shaped_rewards(torch.tensor([3.0, -1.0]), lp, ref, mask, 0.1, "k1")
+    assert kl.flatten().tolist() == pytest.approx([0, 0.5, -1.0, 0, 0, 1.0, 0, 0])
+    assert rewards.flatten().tolist() == pytest.approx([0, -0.05, 0.1 + 3.0, 0, 0, -0.1 - 1.0, 0, 0])
+    with pytest.raises(ValueError, match="no response tokens"):
+        kl_shaped_rewards(torch.zeros(2), lp, ref, torch.tensor([[0.0] * 4, [1.0] * 4]), 0.1)
+
+
+def test_adaptive_kl_controller_matches_formula():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    beta = 0.2
+    for kl, n in [(12.0, 64), (6.0, 64), (3.0, 128), (5.0, 32), (100.0, 256)]:
+        err = min(max(kl / 6.0 - 1, -0.2), 0.2)
+        beta *= 1 + err * n / 10000
+        assert ctl.update(kl, n) == pytest.approx(beta)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+# ---------- whitening ----------
+
+def test_whiten_matches_loop():
+    x = _rand(3, 7, 16)
+    mask = _padded_mask(3, 7, seed=17)
+    vals = [x[b, t].item() for b in range(3) for t in range(7) if mask[b, t]]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    w = whiten(x, mask)
+    w_noshift = whiten(x, mask, shift_mean=False)
+    for b in range(3):
+        for t in range(7):
+            if mask[b, t]:
+                assert w[b, t].item() == pytest.approx((x[b, t].item() - mean) / math.sqrt(var + 1e-8), abs=1e-8)
+                assert w_noshift[b, t].item() == pytest.approx(w[b, t].item() + mean, abs=1e-8)
+            else:
+                assert w[b, t].item() == 0.0
+    assert _loop_mean(w.tolist(), mask.tolist()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_whiten_needs_two_elements():
+    with pytest.raises(ValueError, match="at least 2 unmasked"):
+        whiten(torch.ones(2, 3), torch.zeros(2, 3))
+
+
+# ---------- reward-model loss ----------
+
+def test_pairwise_reward_loss_matches_loop():
+    c, r = _rand(1, 9, 18)[0], _rand(1, 9, 19)[0]
+    m = torch.rand(9, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+
+    def loop(margins):
+        return sum(-math.log(1 / (1 + math.exp(-(a - b - mg)))) for a, b, mg in zip(c.tolist(), r.tolist(), margins)) / 9
+
+    assert pairwise_reward_loss(c, r).item() == pytest.approx(loop([0.0] * 9), abs=1e-10)
+    assert pairwise_reward_loss(c, r, m).item() == pytest.approx(loop(m.tolist()), abs=1e-10)
+    assert pairwise_reward_loss(c, r, 0.5).item() == pytest.approx(loop([0.5] * 9), abs=1e-10)
+    # A margin asks for a larger gap, so the same rewards cost more.
+    assert pairwise_reward_loss(c, r, 1.0) > pairwise_reward_loss(c, r)
+    with pytest.raises(ValueError, match="at least one pair"):
+        pairwise_reward_loss(torch.zeros(0), torch.zeros(0))
+
+
+# ---------- the combined loss ----------
+
+def test_ppo_loss_is_sum_of_parts_and_differentiable():
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(2, 6, 9, generator=g, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6), generator=g)
+    lp = logprobs_from_logits(logits, labels)
+    old = lp.detach() + 0.1 * torch.randn(2, 6, generator=g)
+    adv, v, old_v, ret = (torch.randn(2, 6, generator=g) for _ in range(4))
+    v = v.requires_grad_(True)
+    mask = _padded_mask(2, 6, seed=22)
+    loss, parts = ppo_loss(lp, old, adv, v, old_v, ret, logits, mask,
+                           clip_eps=0.2, value_clip_eps=0.3, vf_coef=0.5, entropy_coef=0.01)
+    pg, _ = policy_loss(lp, old, adv, mask, 0.2)
+    expected = pg + 0.5 * value_loss(v, old_v, ret, mask, 0.3) - 0.01 * entropy_from_logits(logits, mask)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert set(parts) == {"policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"}
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and v.grad.abs().sum() > 0
+
+
+def test_algo_imports_no_distributed_stack():
+    code = ("import sys, rlhf_ray.algo; bad = [m for m in ('ray', 'vllm', 'peft') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
