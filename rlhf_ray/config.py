@@ -244,6 +244,9 @@ class Config:
         # Checks that span sections; keys are given in full.
         _check(self.lora.rank <= self.rollout.max_lora_rank, "lora.rank",
                f"{self.lora.rank} exceeds the engines' rollout.max_lora_rank={self.rollout.max_lora_rank}")
+        # Every learner rank must take the same number of optimizer steps (DDP all-reduces).
+        _check(self.ppo.batch_size % self.learner.num_workers == 0, "ppo.batch_size",
+               f"{self.ppo.batch_size} is not divisible by learner.num_workers={self.learner.num_workers}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

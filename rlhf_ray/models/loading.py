@@ -20,15 +20,16 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if cfg.path is None:
         from .tiny import build_tiny_model
 
+        # Absolute: Ray workers and jobs do not share the driver's working directory.
         return str(build_tiny_model(
-            cfg.tiny_dir, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
+            Path(cfg.tiny_dir).resolve(), layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
             vocab_size=cfg.tiny_vocab, max_positions=cfg.tiny_max_positions, seed=cfg.seed,
         ))
     p = Path(cfg.path)
     looks_local = cfg.path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p.expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json in that directory")
-    return str(p.expanduser()) if looks_local else cfg.path
+    return str(p.expanduser().resolve()) if looks_local else cfg.path
 
 
 def load_tokenizer(path: str):

@@ -1,0 +1,33 @@
+"""Reward-model role: scores prompt + response text in batches."""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..telemetry import MemorySampler
+
+
+class RewardScorer:
+    role = "reward"
+
+    def __init__(self, cfg: Config, reward_path: str):
+        from ..models.reward import load_reward_model
+
+        torch.set_num_threads(1)
+        self.cfg = cfg
+        self.memory = MemorySampler()
+        self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype)
+        self.tokenizer.padding_side = "right"
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r for p, r in zip(prompts, responses)]
+        scores: list[float] = []
+        bs = self.cfg.reward.batch_size
+        for i in range(0, len(texts), bs):
+            enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True)
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+    def memory_stats(self) -> dict:
+        return {"role": self.role, "name": "reward", **self.memory.stats()}

@@ -1,0 +1,88 @@
+"""Typed carriers for one step's samples, understood by every role."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Samples:
+    """What the generators return: ragged lists, cheap to ship through Ray."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    response_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)  # behaviour log-probs of response tokens
+    versions: list[int] = field(default_factory=list)  # adapter version each sample came from
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def extend(self, other: "Samples") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded tensors for a learner or reference forward pass.
+
+    ``input_ids``/``attention_mask`` have shape (batch, seq). Everything per *action*
+    has shape (batch, seq - 1): position t holds the prediction of token t + 1, so the
+    response token at sequence index i sits at action index i - 1.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor  # float, 1 at response tokens
+    behaviour_logprobs: torch.Tensor  # from the generator, 0 where action_mask is 0
+    # filled in as the step goes on
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    old_values: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | torch.Tensor) -> "TokenBatch":
+        """Rows ``index`` of every tensor field."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            out[name] = v[index] if v is not None else None
+        return TokenBatch(**out)
+
+    def shard(self, rank: int, world: int) -> "TokenBatch":
+        """Rank's contiguous equal share (the caller makes the batch divisible by ``world``)."""
+        n = len(self) // world
+        return self.select(slice(rank * n, (rank + 1) * n))
+
+
+def pad_samples(samples: Samples, pad_id: int) -> TokenBatch:
+    """Lay out prompt + response ids right-padded, with masks aligned to actions."""
+    seqs = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
+    if not seqs:
+        raise ValueError("no samples to pad")
+    seq_len = max(len(s) for s in seqs)
+    b = len(seqs)
+    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros(b, seq_len, dtype=torch.long)
+    action_mask = torch.zeros(b, seq_len - 1)
+    behaviour = torch.zeros(b, seq_len - 1)
+    for i, (p, r, lp) in enumerate(zip(samples.prompt_ids, samples.response_ids, samples.logprobs)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r)
+        attention[i, :n] = 1
+        start = len(p) - 1
+        action_mask[i, start:start + len(r)] = 1.0
+        behaviour[i, start:start + len(r)] = torch.tensor(lp, dtype=torch.float32)
+    return TokenBatch(input_ids, attention, action_mask, behaviour)

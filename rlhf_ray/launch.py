@@ -1,0 +1,164 @@
+"""The edge where plain role classes become Ray actors: connecting to Ray, spawning
+roles with their resources, calling them with timeouts, and the learner group."""
+from __future__ import annotations
+
+import os
+import queue as _queue
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from .config import Config
+
+# Each role's process gets one math thread: on a laptop the roles outnumber the cores,
+# and oversubscribed OpenMP pools spin against each other.
+ROLE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+class RoleFailed(RuntimeError):
+    """A role's actor died or raised; the message names the role."""
+
+    def __init__(self, role: str, detail: str):
+        super().__init__(f"{role} failed: {detail}")
+        self.role = role
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ConnectionError(f"Ray address {address!r} is not host:port (or auto)")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the Ray head at {address!r} ({e}); "
+                              "is `ray start --head` running there, and is RAY_ADDRESS right?") from None
+
+
+def connect(cfg: Config) -> str:
+    """Join the cluster at cluster.address or RAY_ADDRESS, or start a local head.
+    Returns a description of what was done."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if address != "auto":
+            _check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
+        return f"joined {address}"
+    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": dict(ROLE_ENV)})
+    return "started a local head"
+
+
+def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, name: str) -> Any:
+    import ray
+
+    return ray.remote(cls).options(num_cpus=num_cpus, name=None, max_restarts=0,
+                                   runtime_env={"env_vars": dict(ROLE_ENV)}).remote(cfg, *args)
+
+
+def call(role: str, refs: Any, timeout_s: float) -> Any:
+    """``ray.get`` that names the role when its actor dies, raises or hangs."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except RayActorError as e:
+        raise RoleFailed(role, f"actor died: {str(e).splitlines()[0]}") from e
+    except RayTaskError as e:
+        raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e)) from e
+    except GetTimeoutError as e:
+        raise RoleFailed(role, f"no answer within cluster.call_timeout_s={timeout_s}") from e
+
+
+class LearnerGroup:
+    """Driver side of the Ray Train learner: ``TorchTrainer.fit`` runs in a thread while
+    the driver sends requests through per-rank queues and reads the replies."""
+
+    def __init__(self, cfg: Config, model_path: str, storage_dir: Path):
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
+
+        from .actors.learner import train_loop
+
+        self.cfg = cfg
+        self.world = cfg.learner.num_workers
+        self.timeout = cfg.cluster.call_timeout_s
+        opts = {"num_cpus": 0}
+        self.inboxes = [Queue(actor_options=opts) for _ in range(self.world)]
+        self.outbox = Queue(actor_options=opts)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg, "model_path": model_path, "inboxes": self.inboxes,
+                               "outbox": self.outbox, "timeout_s": self.timeout},
+            scaling_config=ScalingConfig(
+                num_workers=self.world, use_gpu=cfg.learner.use_gpu,
+                resources_per_worker={"CPU": cfg.learner.num_cpus_per_worker}),
+            run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name="learner"),
+        )
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="learner-fit")
+        self._thread.start()
+        ready = self._collect("ready")
+        self.initial_adapter_ref = ready[0][0]
+        self._ray = ray
+
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # reported by _collect
+            self._error = e
+
+    def _collect(self, kind: str) -> list[Any]:
+        """One reply of ``kind`` per rank, in rank order."""
+        replies: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout
+        while len(replies) < self.world:
+            try:
+                k, rank, payload = self.outbox.get(timeout=1.0)
+            except _queue.Empty:
+                if not self._thread.is_alive():
+                    raise RoleFailed("learner", f"Ray Train run ended: {self._error!r}")
+                if time.monotonic() > deadline:
+                    raise RoleFailed("learner", f"no {kind!r} reply within {self.timeout}s")
+                continue
+            if k == "error":
+                raise RoleFailed(f"learner (rank {rank})", payload.strip().splitlines()[-1]
+                                 + "\n" + payload)
+            if k != kind:
+                raise RoleFailed("learner", f"expected {kind!r}, got {k!r} from rank {rank}")
+            replies[rank] = payload
+        return [replies[r] for r in range(self.world)]
+
+    def _send(self, kind: str, batch_ref=None, version: Optional[int] = None) -> None:
+        for q in self.inboxes:
+            q.put((kind, [batch_ref], version))
+
+    def evaluate(self, batch_ref) -> list[dict]:
+        self._send("evaluate", batch_ref)
+        return self._collect("evaluated")
+
+    def update(self, batch_ref, next_version: int) -> list[dict]:
+        self._send("update", batch_ref, next_version)
+        return self._collect("updated")
+
+    def memory(self) -> list[dict]:
+        self._send("memory")
+        return self._collect("memory")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            for q in self.inboxes:
+                q.put(("stop",))
+            self._thread.join(timeout=120)

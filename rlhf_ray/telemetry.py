@@ -1,0 +1,106 @@
+"""Per-actor memory and per-step metrics."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import psutil
+
+
+def tree_rss(pid: Optional[int] = None) -> int:
+    """RSS in bytes of a process and all its children (a vLLM engine lives in child processes)."""
+    try:
+        proc = psutil.Process(pid or os.getpid())
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class MemorySampler:
+    """Tracks the peak RSS of this process tree by sampling it on a daemon thread.
+
+    The peak is of samples (every ``interval_s``), so a spike shorter than that can be missed;
+    it is sampled once more on every ``peak()`` call.
+    """
+
+    def __init__(self, interval_s: float = 0.25):
+        self._peak = tree_rss()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="rss-sampler").start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, tree_rss())
+
+    def peak(self) -> int:
+        self._peak = max(self._peak, tree_rss())
+        return self._peak
+
+    def stats(self) -> dict[str, Any]:
+        out = {"pid": os.getpid(), "rss_bytes": tree_rss(), "peak_rss_bytes": self.peak()}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                free, total = torch.cuda.mem_get_info()
+                out["cuda_used_bytes"] = total - free
+        except Exception:  # telemetry must never break a step
+            pass
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class StageTimer:
+    """Wall time per named stage of one step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def finish(self) -> dict[str, float]:
+        """Stage times plus ``total`` and ``idle`` (total minus the named stages)."""
+        total = time.perf_counter() - self._t0
+        out = dict(self.seconds)
+        out["idle"] = max(0.0, total - sum(self.seconds.values()))
+        out["total"] = total
+        return out
+
+
+class MetricsWriter:
+    """One JSON object per line in ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
