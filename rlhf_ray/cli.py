@@ -41,10 +41,40 @@ def _cmd_generate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from .launch import RoleFailed
+    from .trainer import PPOTrainer
+
+    try:
+        with PPOTrainer(cfg) as trainer:
+            print(f"ray: {trainer.how_connected}; start-up {trainer.startup_s:.1f}s; "
+                  f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
+                  f"reference.mode={cfg.reference.mode}")
+            records = trainer.run()
+    except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
+        print(f"rlhf-ray train: {e}", file=sys.stderr)
+        return 1
+    _print_step_table(records)
+    print(f"metrics: {trainer.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _print_step_table(records: list[dict]) -> None:
+    cols = ["generate", "reward", "reference", "train", "publish", "idle", "total"]
+    print(f"{'step':>4} {'ver':>3} {'stale':>5} {'reward':>8} {'kl/seq':>7} {'lp_gap':>8} {'tok/s':>7} "
+          + " ".join(f"{c:>9}" for c in cols))
+    for r in records:
+        t = r["time_s"]
+        print(f"{r['step']:>4} {r['generated_with_version'][0]:>3} {r['stale_samples']:>5} "
+              f"{r['reward_mean']:>8.3f} {r['kl_per_seq']:>7.3f} {r['logprob_gap']:>8.1e} "
+              f"{r['tokens_per_s']:>7.0f} " + " ".join(f"{t.get(c, 0.0):>8.3f}s" for c in cols))
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "validate a config and print it fully resolved"),
     "build-model": (_cmd_build_model, "build the tiny local model + tokenizer (or check model.path)"),
     "generate": (_cmd_generate, "sample from the base model (or a LoRA adapter) with vLLM"),
+    "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner"),
 }
 
 

@@ -41,6 +41,12 @@ def _positive(obj: Any, *names: str) -> None:
         _check(v > 0, n, f"must be > 0, got {v!r}")
 
 
+def _nonnegative(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v >= 0, n, f"must be >= 0, got {v!r}")
+
+
 def _unit_interval(obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -111,6 +117,7 @@ class RolloutConfig:
     kv_cache_mib: int = 256  # explicit KV cache so several engines fit beside the learner
     gpu_memory_utilization: float = 0.1  # on CPU vLLM reads this as a fraction of RAM
     num_cpus: float = 0.5  # Ray bookkeeping: roles outnumber cores on a laptop
+    num_gpus: float = 0.0  # 1 per engine on a GPU cluster
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,7 +126,7 @@ class RolloutConfig:
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+        _nonnegative(self, "num_cpus", "num_gpus")
 
 
 @dataclass(frozen=True)
@@ -129,10 +136,11 @@ class RewardConfig:
     path: Optional[str] = None  # local directory of a trained reward model
     batch_size: int = 32
     num_cpus: float = 0.25
+    num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
-        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+        _nonnegative(self, "num_cpus", "num_gpus")
 
 
 @dataclass(frozen=True)
@@ -141,11 +149,12 @@ class ReferenceConfig:
 
     mode: str = "shared_base"  # shared_base: learner's base with adapter off; actor: own copy
     num_cpus: float = 0.25
+    num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.mode in ("shared_base", "actor"), "mode",
                f"must be 'shared_base' or 'actor', got {self.mode!r}")
-        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus!r}")
+        _nonnegative(self, "num_cpus", "num_gpus")
 
 
 @dataclass(frozen=True)

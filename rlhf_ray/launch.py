@@ -58,10 +58,10 @@ def connect(cfg: Config) -> str:
     return "started a local head"
 
 
-def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, name: str) -> Any:
+def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0) -> Any:
     import ray
 
-    return ray.remote(cls).options(num_cpus=num_cpus, name=None, max_restarts=0,
+    return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                    runtime_env={"env_vars": dict(ROLE_ENV)}).remote(cfg, *args)
 
 

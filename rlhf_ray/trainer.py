@@ -53,9 +53,10 @@ class PPOTrainer:
         self.generators: list[Any] = []
         self._next_gen_id = 0
         pending = [self._spawn_generator() for _ in range(cfg.rollout.num_actors)]
-        self.reward = spawn(RewardScorer, cfg, self.reward_path, num_cpus=cfg.reward.num_cpus, name="reward")
+        self.reward = spawn(RewardScorer, cfg, self.reward_path,
+                            num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)
         self.reference = (spawn(ReferencePolicy, cfg, self.model_path, num_cpus=cfg.reference.num_cpus,
-                                name="reference") if cfg.reference.mode == "actor" else None)
+                                num_gpus=cfg.reference.num_gpus) if cfg.reference.mode == "actor" else None)
         self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
         self.version = 0
         self.latest_adapter = self.learner.initial_adapter_ref
@@ -83,7 +84,7 @@ class PPOTrainer:
         name = f"rollout-{self._next_gen_id}"
         self._next_gen_id += 1
         return name, spawn(RolloutGenerator, self.cfg, self.model_path, name,
-                           num_cpus=self.cfg.rollout.num_cpus, name=name)
+                           num_cpus=self.cfg.rollout.num_cpus, num_gpus=self.cfg.rollout.num_gpus)
 
     def _attach(self, gen) -> None:
         """A generator joins the fleet only once it serves the latest adapter."""
@@ -184,7 +185,10 @@ class PPOTrainer:
             "kl_per_token": float(algo.masked_mean(kl, mask)),
             "kl_per_seq": float(kl_per_seq.mean()),
             "kl_coef": kl_coef,
+            # vLLM's behaviour log-probs vs the learner's for the same tokens and version: a stale or
+            # mis-scaled adapter shows up here first.
             "logprob_gap": float(algo.masked_mean((batch.behaviour_logprobs - batch.old_logprobs).abs(), mask)),
+            "policy_ref_gap": float(algo.masked_mean((batch.old_logprobs - batch.ref_logprobs).abs(), mask)),
             "response_len_mean": n_tokens / len(samples),
             "learner": {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]
                         if k not in ("memory", "param_checksum")},

@@ -37,3 +37,14 @@ def vllm_engine(tiny_cfg, tiny_model_dir):
     llm = build_engine(tiny_cfg, tiny_model_dir)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def make_cfg(tiny_cfg, tiny_model_dir, tmp_path_factory):
+    """Tiny config on the session's model, a fresh output dir, small batches, plus overrides."""
+    def make(*overrides):
+        out = tmp_path_factory.mktemp("out")
+        return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+            f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={out}",
+            "ppo.batch_size=8", "learner.minibatch_size=4", *overrides])
+    return make

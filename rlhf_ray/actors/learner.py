@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..algo import logprobs_from_logits, ppo_loss
+from ..algo import logprobs_from_logits, masked_mean, ppo_loss
 from ..batch import TokenBatch
 from ..config import Config
 from ..sync import AdapterVersion, extract_adapter
@@ -69,7 +69,8 @@ class LearnerCore:
         mb = max(1, lc.minibatch_size // self.world)
         sums: dict[str, float] = {}
         count = 0
-        for _ in range(lc.epochs):
+        shift = torch.zeros(())
+        for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
             for i in range(0, n, mb):
                 m = batch.select(perm[i:i + mb])
@@ -83,11 +84,16 @@ class LearnerCore:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
                 self.optimizer.step()
+                if epoch == lc.epochs - 1:
+                    # How far this update moved the policy from the version that generated the
+                    # data: a stale generator would show a log-prob gap of about this size.
+                    shift = shift + masked_mean((logprobs.detach() - m.old_logprobs).abs(), m.action_mask) * len(m)
                 for k, v in {**parts, "loss": loss.detach(), "grad_norm": grad_norm}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["optimizer_steps"] = count
+        stats["logprob_shift"] = float(shift) / n
         stats["param_checksum"] = self.param_checksum()
         return stats
 

@@ -25,6 +25,8 @@ def load_prompt_texts(cfg: DataConfig) -> list[str]:
     p = Path(cfg.prompts_path)
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
+    elif p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"data.prompts_path={cfg.prompts_path!r}: the prompt set is empty")
     elif p.is_file():
         ds = datasets.load_dataset("json", data_files=str(p), split="train")
     else:

@@ -1,0 +1,61 @@
+"""`ray job submit` against a head started with `ray start --head` on loopback, as a user
+submits to a cluster: submit, wait for SUCCEEDED, read the job's artifacts, stop the head."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GCS_PORT, DASH_PORT = 6391, 8266
+
+pytestmark = pytest.mark.integration
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASH_PORT}", "--num-cpus=4",
+                    "--disable-usage-stats"], check=True, env=_env(), capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{DASH_PORT}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_training(ray_head, tmp_path, tiny_model_dir):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "job_runs"
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait",
+         "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
+         sys.executable, "-m", "rlhf_ray.cli", "train", "--config", "configs/tiny_cpu.yaml",
+         f"model.path={tiny_model_dir}", f"output.dir={out}", "output.name=job",
+         "ppo.steps=2", "ppo.batch_size=8", "learner.minibatch_size=4"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    job_id = next(tok for line in submit.stdout.splitlines() for tok in line.replace("'", " ").split()
+                  if tok.startswith("raysubmit_"))
+    client = JobSubmissionClient(ray_head)
+    deadline = time.monotonic() + 900
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() < deadline:
+        time.sleep(3)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    records = [json.loads(line) for line in (out / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generated_with_version"] for r in records] == [[0], [1]]
+    assert all(r["stale_samples"] == 0 for r in records)
+    assert "joined" in logs  # it used the cluster, not a head of its own
