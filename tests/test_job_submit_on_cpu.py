@@ -1,6 +1,7 @@
 """`ray job submit` against a head started with `ray start --head` on loopback, as a user
 submits to a cluster: submit, wait for SUCCEEDED, read the job's artifacts, stop the head."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -49,18 +50,20 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path, tiny_model_dir):
     job_id = next(tok for line in submit.stdout.splitlines() for tok in line.replace("'", " ").split()
                   if tok.startswith("raysubmit_"))
     def ray_job(*args):
-        return subprocess.run([str(BIN / "ray"), "job", *args, "--address", ray_head],
-                              env=_env(), capture_output=True, text=True, timeout=120).stdout
+        r = subprocess.run([str(BIN / "ray"), "job", *args, "--address", ray_head],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        return r.stdout + r.stderr  # the CLI prints the job's status on stderr
 
+    final = re.compile(rf"job '{job_id}'(:| has)? (succeeded|failed|stopped)", re.IGNORECASE)
     deadline = time.monotonic() + 900
-    status = ""
-    while time.monotonic() < deadline:
+    status, found = "", None
+    while found is None and time.monotonic() < deadline:
         status = ray_job("status", job_id)
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(5)
+        found = final.search(status)
+        if found is None:
+            time.sleep(5)
     logs = ray_job("logs", job_id)
-    assert "SUCCEEDED" in status, status + logs[-5000:]
+    assert found is not None and found.group(2).lower() == "succeeded", status + logs[-5000:]
     records = [json.loads(line) for line in (out / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generated_with_version"] for r in records] == [[0], [1]]
     assert all(r["stale_samples"] == 0 for r in records)
