@@ -41,29 +41,89 @@ def _cmd_generate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    from .launch import RoleFailed
-    from .trainer import PPOTrainer
+def _cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
+    from .stages.sft import run_sft
 
-    try:
-        with PPOTrainer(cfg) as trainer:
-            print(f"ray: {trainer.how_connected}; start-up {trainer.startup_s:.1f}s; "
-                  f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
-                  f"reference.mode={cfg.reference.mode}")
-            records = trainer.run()
-    except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
-        print(f"rlhf-ray train: {e}", file=sys.stderr)
-        return 1
-    _print_step_table(records)
-    print(f"metrics: {trainer.run_dir / 'metrics.jsonl'}")
+    s = run_sft(cfg)
+    print(f"sft: {s['train_examples']} examples, {s['steps']} steps, held-out loss "
+          f"{s['heldout_loss_before']} -> {s['heldout_loss_after']}; {s['time_s']:.1f}s\nmodel: {s['output']}")
     return 0
 
 
-def _print_step_table(records: list[dict]) -> None:
+def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
+    from .stages.rm import run_train_rm
+
+    s = run_train_rm(cfg)
+    b, a = s["heldout_before"], s["heldout_after"]
+    print(f"train-rm: {s['train_pairs']} pairs, {s['steps']} steps; held-out pair accuracy {b['accuracy']:.3f} -> "
+          f"{a['accuracy']:.3f}, reward gap {b['reward_gap']:.3f} -> {a['reward_gap']:.3f} over {a['pairs']} pairs; "
+          f"{s['time_s']:.1f}s\nmodel: {s['output']}")
+    return 0
+
+
+def _ppo(cfg: Config) -> list[dict]:
+    from .trainer import PPOTrainer
+
+    with PPOTrainer(cfg) as trainer:
+        print(f"ray: {trainer.how_connected}; start-up {trainer.startup_s:.1f}s; "
+              f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
+              f"reference.mode={cfg.reference.mode}")
+        return trainer.run()
+
+
+def _finish(cfg: Config, records: list[dict]) -> None:
+    from .report import targets_table, write_report
+
+    _print_step_table(records)
+    run_dir = cfg.output.run_dir.resolve()
+    report = write_report(run_dir, cfg.output.name)
+    table = targets_table(run_dir)
+    if table:
+        print("\n" + table)
+    print(f"\nmetrics: {run_dir / 'metrics.jsonl'}\nreport:  {report}\nplots:   {run_dir / 'plots'}")
+
+
+def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    _finish(cfg, _ppo(cfg))
+    return 0
+
+
+def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    """The whole pipeline: model, SFT, reward model, PPO with evaluation, report."""
+    import datetime
+    import json
+    import time
+
+    from .models import resolve_model_path
+    from .stages.rm import run_train_rm
+    from .stages.sft import run_sft
+
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for stage, fn in [("model", lambda: print(f"model: {resolve_model_path(cfg.model)}")),
+                      ("sft", lambda: _cmd_sft(cfg, args)), ("rm", lambda: _cmd_train_rm(cfg, args))]:
+        t = time.perf_counter()
+        fn()
+        times[stage] = time.perf_counter() - t
+    t = time.perf_counter()
+    records = _ppo(cfg)
+    times["ppo"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+    run_dir = cfg.output.run_dir.resolve()
+    (run_dir / "pipeline.json").write_text(json.dumps(
+        {"time_s": times, "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2))
+    _finish(cfg, records)
+    return 0
+
+
+def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
     cols = ["generate", "reward", "reference", "train", "publish", "idle", "total"]
     print(f"{'step':>4} {'ver':>3} {'stale':>5} {'reward':>8} {'kl/seq':>7} {'lp_gap':>8} {'tok/s':>7} "
           + " ".join(f"{c:>9}" for c in cols))
+    every = max(1, -(-len(records) // max_rows))
     for r in records:
+        if r["step"] % every and r is not records[-1]:
+            continue
         t = r["time_s"]
         print(f"{r['step']:>4} {r['generated_with_version'][0]:>3} {r['stale_samples']:>5} "
               f"{r['reward_mean']:>8.3f} {r['kl_per_seq']:>7.3f} {r['logprob_gap']:>8.1e} "
@@ -74,7 +134,10 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "validate a config and print it fully resolved"),
     "build-model": (_cmd_build_model, "build the tiny local model + tokenizer (or check model.path)"),
     "generate": (_cmd_generate, "sample from the base model (or a LoRA adapter) with vLLM"),
-    "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner"),
+    "sft": (_cmd_sft, "supervised fine-tuning; writes <run_dir>/sft_model (PPO's base and reference)"),
+    "train-rm": (_cmd_train_rm, "reward model from preference pairs (pairwise ranking loss with margin)"),
+    "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner; report"),
+    "run": (_cmd_run, "the whole pipeline: tiny model, SFT, reward model, PPO, held-out judge, report"),
 }
 
 
@@ -105,8 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"rlhf-ray: config error: {e}", file=sys.stderr)
         return 2
+    from .launch import RoleFailed
+
     fn, _ = COMMANDS[args.command]
-    return fn(cfg, args)
+    try:
+        return fn(cfg, args)
+    except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
+        # Data, model and role errors name their file/key/role; a traceback adds nothing.
+        print(f"rlhf-ray {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

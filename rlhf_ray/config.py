@@ -93,15 +93,86 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Prompts for PPO. None = the project's generated review-sentiment task."""
+    """Prompts for PPO, and how every loader treats records. None = the generated task."""
 
-    prompts_path: Optional[str] = None  # JSONL file or `datasets` directory with a `prompt` column
-    num_prompts: int = 256
+    prompts_path: Optional[str] = None  # JSONL/JSON file or `datasets` dir: `prompt`, or text + label
+    num_prompts: int = 256  # generated prompts; a file is capped at this many
     max_prompt_tokens: int = 32
+    on_bad_record: str = "skip"  # skip (count and report file:line) or error (stop at the first)
+    text_field: Optional[str] = None  # classification sets: the text column; None = first of prompt/text/sentence/...
+    label_field: str = "label"
+    keep_labels: Optional[List[str]] = None  # e.g. ["0"] to prompt only with negative reviews
+    prompt_words: Optional[int] = None  # keep the first N words of each text as the prompt
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "max_prompt_tokens")
+        _check(self.on_bad_record in ("skip", "error"), "on_bad_record",
+               f"must be 'skip' or 'error', got {self.on_bad_record!r}")
+        _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
+               f"must be > 0 or null, got {self.prompt_words!r}")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (`rlhf-ray sft`); its output becomes PPO's base and reference."""
+
+    data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; None = the generated task
+    num_examples: int = 2000  # generated records; a file is capped at this many
+    mode: str = "full"  # full, or lora (the adapter is merged into the saved model)
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 32
+    max_seq_len: int = 96
+    eval_fraction: float = 0.05
+    output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/sft_model
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
+        _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward-model training (`rlhf-ray train-rm`) on preference pairs."""
+
+    data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir of chosen/rejected pairs
+    eval_path: Optional[str] = None  # held-out pairs; None = eval_fraction of data_path (generated: held-out subjects)
+    num_pairs: int = 1000  # generated pairs; a file is capped at this many
+    base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
+    mode: str = "full"  # full, or lora (adapter + score head merged into the saved model)
+    use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_seq_len: int = 128
+    eval_fraction: float = 0.1
+    output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/reward_model
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
+        _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
+        _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
+        _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The independent judge, run on held-out prompts before and after PPO."""
+
+    judge: str = "positive_sentiment"  # a rule-based judge from rlhf_ray.data.task.JUDGES, or none
+    prompts_path: Optional[str] = None  # None = generated prompts from the held-out subjects
+    num_prompts: int = 128
+    samples_per_prompt: int = 2
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_prompts", "samples_per_prompt")
+        from .data.task import JUDGES
+
+        _check(self.judge in (*JUDGES, "none"), "judge", f"must be one of {[*JUDGES, 'none']}, got {self.judge!r}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +204,7 @@ class RolloutConfig:
 class RewardConfig:
     """Reward model: a sequence-classification head with one output."""
 
-    path: Optional[str] = None  # local directory of a trained reward model
+    path: Optional[str] = None  # a reward model directory; None = the one `train-rm` wrote for this run
     batch_size: int = 32
     num_cpus: float = 0.25
     num_gpus: float = 0.0
@@ -180,6 +251,7 @@ class LearnerConfig:
 class PPOConfig:
     """PPO objective and schedule."""
 
+    base: str = "sft"  # sft: the SFT stage's model is PPO's base and reference; model: model.path/tiny
     steps: int = 10
     batch_size: int = 32  # prompts per step, split across rollout actors
     clip_eps: float = 0.2
@@ -195,6 +267,7 @@ class PPOConfig:
     whiten_advantages: bool = True
 
     def __post_init__(self) -> None:
+        _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
         _positive(self, "steps", "batch_size", "clip_eps", "value_clip_eps", "kl_horizon")
         _unit_interval(self, "gamma", "lam")
         _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef!r}")
@@ -241,12 +314,15 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from .config import Config
 # Each role's process gets one math thread: on a laptop the roles outnumber the cores,
 # and oversubscribed OpenMP pools spin against each other.
 ROLE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
 class RoleFailed(RuntimeError):

@@ -7,9 +7,9 @@ right after update k, before the next rollout starts.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -23,27 +23,28 @@ from .telemetry import MetricsWriter, StageTimer
 
 class PPOTrainer:
     def __init__(self, cfg: Config, *, progress: bool = True):
-        from .data.prompts import load_prompt_texts, tokenize_prompts
-        from .models import load_tokenizer, resolve_model_path
-        from .models.reward import build_reward_model
+        from .data.prompts import load_prompt_texts
+        from .data.task import JUDGES
+        from .models import load_tokenizer
+        from .stages import policy_base, reward_path
 
         self.cfg, self.progress = cfg, progress
+        self._t0 = time.perf_counter()
         self.run_dir = cfg.output.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
         # Everything that can be checked locally is checked before any actor starts.
-        self.model_path = resolve_model_path(cfg.model)
+        self.model_path = policy_base(cfg)
+        self.reward_path = reward_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path)
-        max_len = min(self.tokenizer.model_max_length, _context_length(self.model_path))
-        self.prompt_texts = load_prompt_texts(cfg.data)
-        self.prompt_ids = tokenize_prompts(
-            self.prompt_texts, self.tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_new_tokens=cfg.rollout.max_new_tokens, max_model_len=max_len,
-            source=cfg.data.prompts_path or "generated prompts")
-        self.reward_path = cfg.reward.path or str(build_reward_model(
-            self.model_path, Path(cfg.model.tiny_dir).resolve().parent / "_untrained_reward_model",
-            seed=cfg.model.seed))
+        self._max_len = min(self.tokenizer.model_max_length, _context_length(self.model_path))
+        self.prompt_texts = load_prompt_texts(cfg.data, cfg.data.prompts_path)
+        self.prompt_ids = self._tokenize(self.prompt_texts, cfg.data.prompts_path or "generated prompts")
+        self.judge = JUDGES.get(cfg.eval.judge)
+        self.eval_texts = load_prompt_texts(cfg.data, cfg.eval.prompts_path, key="eval.prompts_path",
+                                            num=cfg.eval.num_prompts, split="heldout")
+        self.eval_ids = self._tokenize(self.eval_texts, cfg.eval.prompts_path or "generated held-out prompts")
 
         self.how_connected = connect(cfg)
         from .actors.reference import ReferencePolicy
@@ -72,10 +73,19 @@ class PPOTrainer:
         self._order: list[int] = []
         self._rng = random.Random(cfg.data.seed)
         self.step_index = 0
+        self.evals: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {}
 
     @property
     def _timeout(self) -> float:
         return self.cfg.cluster.call_timeout_s
+
+    def _tokenize(self, texts: list[str], source: str) -> list[list[int]]:
+        from .data.prompts import tokenize_prompts
+
+        return tokenize_prompts(texts, self.tokenizer, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+                                max_new_tokens=self.cfg.rollout.max_new_tokens, max_model_len=self._max_len,
+                                source=source)
 
     # -- rollout fleet ---------------------------------------------------------------
     def _spawn_generator(self):
@@ -116,17 +126,69 @@ class PPOTrainer:
             out.append(self._order.pop())
         return out
 
-    def _generate(self, idx: list[int]) -> Samples:
+    def _generate(self, prompt_ids: list[list[int]], prompt_texts: list[str]) -> Samples:
+        """One sample per prompt, the prompts dealt round-robin to the generators."""
         n = len(self.generators)
-        chunks = [idx[i::n] for i in range(n)]
-        refs = [(name, h.generate.remote([self.prompt_ids[j] for j in c]))
+        chunks = [list(range(len(prompt_ids)))[i::n] for i in range(n)]
+        refs = [(name, h.generate.remote([prompt_ids[j] for j in c]), c)
                 for (name, h), c in zip(self.generators, chunks) if c]
         samples = Samples()
-        for (name, ref), c in zip(refs, [c for c in chunks if c]):
+        for name, ref, c in refs:
             part = call(name, ref, self._timeout)
-            part.prompts = [self.prompt_texts[j] for j in c]
+            part.prompts = [prompt_texts[j] for j in c]
             samples.extend(part)
         return samples
+
+    def _old_and_reference(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(policy log-probs, values, reference log-probs) of a batch, from the learner ranks
+        (and the reference actor in ``reference.mode=actor``). Rows are padded by repetition to
+        a multiple of the learner's world size, and cut again."""
+        import ray
+
+        n, world = len(batch), self.cfg.learner.num_workers
+        padded = batch if n % world == 0 else batch.select(torch.arange(n + (-n) % world) % n)
+        batch_ref = ray.put(padded)
+        ref_ref = self.reference.logprobs.remote(batch_ref) if self.reference is not None else None
+        evaluated = self.learner.evaluate(batch_ref)
+        old = torch.cat([e["old_logprobs"] for e in evaluated])[:n]
+        values = torch.cat([e["old_values"] for e in evaluated])[:n]
+        ref = (call("reference", ref_ref, self._timeout) if ref_ref is not None
+               else torch.cat([e["ref_logprobs"] for e in evaluated]))[:n]
+        return old, values, ref
+
+    def _score(self, samples: Samples) -> torch.Tensor:
+        return torch.tensor(call("reward", self.reward.score.remote(samples.prompts, samples.responses),
+                                 self._timeout))
+
+    def evaluate(self, label: str = "") -> dict[str, Any]:
+        """The current adapter on the held-out prompts: the judge's score (the rule-based scorer
+        of the task, not the reward model), the reward model's mean, and the KL to the
+        reference (sum over the response of log pi - log pi_ref, on samples from pi)."""
+        k = self.cfg.eval.samples_per_prompt
+        ids = [p for p in self.eval_ids for _ in range(k)]
+        texts = [t for t in self.eval_texts for _ in range(k)]
+        t = time.perf_counter()
+        samples = self._generate(ids, texts)
+        batch = pad_samples(samples, self.tokenizer.pad_token_id)
+        old, _, ref = self._old_and_reference(batch)
+        kl_seq = ((old - ref) * batch.action_mask).sum(dim=1)
+        scores = self._score(samples)
+        out: dict[str, Any] = {
+            "label": label, "adapter_version": self.version, "prompts": len(self.eval_texts),
+            "samples": len(samples), "reward_mean": float(scores.mean()),
+            "kl_per_seq": float(kl_seq.mean()), "kl_per_seq_std": float(kl_seq.std()) if len(kl_seq) > 1 else 0.0,
+            "response_len_mean": samples.num_response_tokens / len(samples),
+        }
+        verdicts = [self.judge(r) for r in samples.responses] if self.judge else None
+        if verdicts is not None:
+            out["judge"] = self.cfg.eval.judge
+            out["judge_score"] = sum(v.score for v in verdicts) / len(verdicts)
+            out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
+        out["examples"] = [{"prompt": p, "response": r, "reward": float(s),
+                            **({"judge": verdicts[i].score} if verdicts else {})}
+                           for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][:: max(1, k)][:8]
+        out["time_s"] = time.perf_counter() - t
+        return out
 
     def step(self) -> dict[str, Any]:
         import ray
@@ -134,20 +196,14 @@ class PPOTrainer:
         cfg = self.cfg
         timer = StageTimer()
         with timer.stage("generate"):
-            samples = self._generate(self._next_prompts())
+            idx = self._next_prompts()
+            samples = self._generate([self.prompt_ids[j] for j in idx], [self.prompt_texts[j] for j in idx])
         stale = sum(v != self.version for v in samples.versions)
         batch = pad_samples(samples, self.tokenizer.pad_token_id)
-        batch_ref = ray.put(batch)
         with timer.stage("reward"):
-            scores = torch.tensor(call("reward", self.reward.score.remote(samples.prompts, samples.responses),
-                                       self._timeout))
+            scores = self._score(samples)
         with timer.stage("reference"):
-            ref_ref = self.reference.logprobs.remote(batch_ref) if self.reference is not None else None
-            evaluated = self.learner.evaluate(batch_ref)
-            batch.old_logprobs = torch.cat([e["old_logprobs"] for e in evaluated])
-            batch.old_values = torch.cat([e["old_values"] for e in evaluated])
-            batch.ref_logprobs = (call("reference", ref_ref, self._timeout) if ref_ref is not None
-                                  else torch.cat([e["ref_logprobs"] for e in evaluated]))
+            batch.old_logprobs, batch.old_values, batch.ref_logprobs = self._old_and_reference(batch)
         with timer.stage("advantages"):
             mask = batch.action_mask
             rewards, kl = algo.kl_shaped_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask,
@@ -210,9 +266,13 @@ class PPOTrainer:
             out[name] = call(name, ref, self._timeout)
         return out
 
-    def run(self, steps: Optional[int] = None) -> list[dict[str, Any]]:
+    def run(self, steps: Optional[int] = None, evaluate: bool = True) -> list[dict[str, Any]]:
+        """PPO steps with a progress bar; with ``evaluate``, the held-out evaluation before and
+        after, and ``ppo.json`` (the run's summary) in the run directory."""
         from tqdm import tqdm
 
+        if evaluate:
+            self.evals["before"] = self.evaluate("before PPO")
         records = []
         bar = tqdm(range(steps or self.cfg.ppo.steps), desc="ppo", unit="step", disable=not self.progress)
         for _ in bar:
@@ -220,7 +280,31 @@ class PPOTrainer:
             records.append(rec)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_per_seq']:.3f}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", v=rec["published_version"])
+        if evaluate:
+            self.evals["after"] = self.evaluate("after PPO")
+        self.summary = self._summarise(records)
+        (self.run_dir / "ppo.json").write_text(json.dumps(self.summary, indent=2))
         return records
+
+    def _summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        # Step 0 pays the learner's and engines' first-call costs; rates are from the rest.
+        steady = records[1:] or records
+        total = sum(r["time_s"]["total"] for r in steady)
+        return {
+            "stage": "ppo", "time_s": time.perf_counter() - self._t0, "base": self.model_path, "reward_model": self.reward_path,
+            "rollout_actors": len(self.generators), "learner_workers": self.cfg.learner.num_workers,
+            "reference_mode": self.cfg.reference.mode, "startup_s": self.startup_s, "steps": len(records),
+            "samples_per_s": sum(r["samples"] for r in steady) / total if total else None,
+            "tokens_per_s": sum(r["response_tokens"] for r in steady) / total if total else None,
+            "step_s_mean": total / len(steady) if steady else None,
+            "reward_first": records[0]["reward_mean"] if records else None,
+            "reward_last": records[-1]["reward_mean"] if records else None,
+            "kl_per_seq_last": records[-1]["kl_per_seq"] if records else None,
+            "kl_target": self.cfg.ppo.kl_target, "kl_coef_last": self.kl_ctl.value,
+            "stale_samples": sum(r["stale_samples"] for r in records),
+            "logprob_gap_max": max((r["logprob_gap"] for r in records), default=None),
+            "eval": self.evals,
+        }
 
     def close(self) -> None:
         import ray
@@ -249,4 +333,4 @@ def _context_length(model_path: str) -> int:
     return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048))
 
 
-__all__ = ["PPOTrainer", "RoleFailed", "TokenBatch"]
+__all__ = ["PPOTrainer", "RoleFailed"]

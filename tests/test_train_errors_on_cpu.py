@@ -11,7 +11,7 @@ def test_empty_prompt_set(tmp_path, tiny_model_dir):
     empty.write_text("")
     r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"data.prompts_path={empty}",
                  f"output.dir={tmp_path}")
-    assert r.returncode == 1 and "prompt set is empty" in r.stderr
+    assert r.returncode == 1 and "the file is empty" in r.stderr
 
 
 def test_prompt_longer_than_context(tmp_path, tiny_model_dir):

@@ -12,21 +12,27 @@ class RewardScorer:
 
     def __init__(self, cfg: Config, reward_path: str):
         from ..models.reward import load_reward_model
+        from ..stages.rm import load_normalizer
 
         torch.set_num_threads(1)
         self.cfg = cfg
         self.memory = MemorySampler()
         self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype)
         self.tokenizer.padding_side = "right"
+        # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
+        norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}
+        self.shift, self.scale = norm["mean"], norm["std"]
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = [p + r for p, r in zip(prompts, responses)]
+        from ..stages.rm import reward_text
+
+        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         bs = self.cfg.reward.batch_size
         for i in range(0, len(texts), bs):
             enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True)
-            scores += self.model(**enc).logits[:, 0].float().tolist()
+            scores += ((self.model(**enc).logits[:, 0].float() - self.shift) / self.scale).tolist()
         return scores
 
     def memory_stats(self) -> dict:

@@ -1,45 +1,24 @@
-"""Prompt sets for PPO: a JSONL file or `datasets` directory with a `prompt` column,
-or the generated review-sentiment prompts."""
+"""Prompt sets for PPO and the judge: the generated task's prompts, or a file's."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..config import DataConfig
-from .synthetic import reviews
+from .task import task_prompts
 
 
-def synthetic_prompts(n: int, seed: int) -> list[str]:
-    """Review openers that stop right before the judgement ("honestly the film felt")."""
-    out = []
-    for r in reviews(n, seed=seed):
-        words = r.text.split(".")[0].split()
-        out.append(" ".join(words[:-1]))
-    return out
+def load_prompt_texts(cfg: DataConfig, path: str | None, *, key: str = "data.prompts_path",
+                      num: int | None = None, split: str = "train") -> list[str]:
+    """Prompt texts from ``path`` (``key`` names its config key), or ``num`` generated ones
+    from the task's ``split`` of subjects when ``path`` is None."""
+    from .loaders import load_prompts
 
-
-def load_prompt_texts(cfg: DataConfig) -> list[str]:
-    if cfg.prompts_path is None:
-        return synthetic_prompts(cfg.num_prompts, cfg.seed)
-    import datasets
-
-    p = Path(cfg.prompts_path)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-    elif p.is_file() and p.stat().st_size == 0:
-        raise ValueError(f"data.prompts_path={cfg.prompts_path!r}: the prompt set is empty")
-    elif p.is_file():
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-    else:
-        raise FileNotFoundError(f"data.prompts_path={cfg.prompts_path!r} does not exist")
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if "prompt" not in ds.column_names:
-        raise ValueError(f"data.prompts_path={cfg.prompts_path!r}: no 'prompt' column (has {ds.column_names})")
-    texts = [t for t in ds["prompt"]][: cfg.num_prompts]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise ValueError(f"data.prompts_path={cfg.prompts_path!r}: {len(bad)} empty or non-text prompts "
-                         f"(first at record {bad[0]})")
+    num = num or cfg.num_prompts
+    if path is None:
+        return [p.text for p in task_prompts(num, cfg.seed, split)]
+    texts, report = load_prompts(cfg, path, key, limit=num)
+    if report.dropped or report.filtered:
+        print(f"{key}: {report.summary()}")
+        for problem in report.first_problems:
+            print(f"  {problem}")
     return texts
 
 

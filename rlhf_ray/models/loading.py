@@ -47,9 +47,10 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype(dtype))
 
 
-def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True):
+def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True, task_type: str = "CAUSAL_LM"):
     """PEFT's LoraConfig for the policy. ``init_lora_weights=False`` gives a random
-    (non-identity) adapter, which tests use to see that an adapter changes outputs."""
+    (non-identity) adapter, which tests use to see that an adapter changes outputs.
+    ``task_type="SEQ_CLS"`` (reward models) also trains and saves the score head."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -57,12 +58,13 @@ def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
         init_lora_weights=init_lora_weights,
     )
 
 
-def add_lora(model, cfg: LoraConfig, *, init_lora_weights: bool = True):
+def add_lora(model, cfg: LoraConfig, *, init_lora_weights: bool = True, task_type: str = "CAUSAL_LM"):
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_lora_config(cfg, init_lora_weights=init_lora_weights))
+    return get_peft_model(model, peft_lora_config(cfg, init_lora_weights=init_lora_weights, task_type=task_type))

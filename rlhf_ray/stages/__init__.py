@@ -1,0 +1,40 @@
+"""The stages before PPO: supervised fine-tuning and reward-model training. Each writes a
+model directory that the next stage (and PPO) loads like any downloaded model, plus a
+``<stage>.json`` summary in the run directory that the report reads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+
+
+def sft_dir(cfg: Config) -> Path:
+    return Path(cfg.sft.output_dir or cfg.output.run_dir / "sft_model").resolve()
+
+
+def rm_dir(cfg: Config) -> Path:
+    return Path(cfg.rm.output_dir or cfg.output.run_dir / "reward_model").resolve()
+
+
+def policy_base(cfg: Config) -> str:
+    """PPO's base (and reference) model: the SFT output when ``ppo.base=sft``."""
+    from ..models import resolve_model_path
+
+    if cfg.ppo.base == "model":
+        return resolve_model_path(cfg.model)
+    d = sft_dir(cfg)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"ppo.base=sft but there is no SFT model at {d}: run `rlhf-ray sft` "
+                                "with this config first, or set ppo.base=model")
+    return str(d)
+
+
+def reward_path(cfg: Config) -> str:
+    """The reward model PPO scores with: ``reward.path``, else the one ``train-rm`` wrote."""
+    if cfg.reward.path is not None:
+        return str(Path(cfg.reward.path).expanduser().resolve())
+    d = rm_dir(cfg)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"reward.path is null and there is no trained reward model at {d}: "
+                                "run `rlhf-ray train-rm` with this config first, or set reward.path")
+    return str(d)

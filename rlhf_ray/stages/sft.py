@@ -1,0 +1,105 @@
+"""`rlhf-ray sft`: supervised fine-tuning on prompt/response records, loss on the response
+(on the whole text for ``text``-only records). ``sft.mode=full`` trains every weight (what a
+randomly initialised tiny model needs); ``lora`` trains an adapter and merges it on save."""
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import torch
+
+from ..config import Config
+from ..data.loaders import LoadReport
+from .finetune import Clock, pad_right, save_model, train_epochs, use_all_cores, write_summary
+from . import sft_dir
+
+
+def sft_examples(cfg: Config) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
+    if cfg.sft.data_path is None:
+        from ..data.task import sft_records
+
+        return sft_records(cfg.sft.num_examples, cfg.sft.seed), None
+    from ..data.loaders import load_sft
+
+    return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.num_examples)
+
+
+def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadReport) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record; labels are -100 over the prompt. A record whose prompt
+    alone fills ``max_len`` is dropped (counted); a long response is cut (counted)."""
+    out = []
+    for i, r in enumerate(records):
+        prompt = tokenizer(r["prompt"])["input_ids"]
+        response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt) >= max_len:
+            report.drop(f"record {i}", f"prompt longer than sft.max_seq_len={max_len}")
+            continue
+        if len(prompt) + len(response) > max_len:
+            report.filtered[f"responses cut at sft.max_seq_len={max_len}"] += 1
+        ids = (prompt + response)[:max_len]
+        out.append((ids, ([-100] * len(prompt) + response)[:max_len]))
+    return out
+
+
+def _lm_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    ids, mask = pad_right([b[0] for b in batch], pad_id)
+    labels, _ = pad_right([b[1] for b in batch], pad_id, fill=-100)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list, pad_id: int, batch_size: int) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = examples[i:i + batch_size]
+        tokens = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in b)
+        total += float(_lm_loss(model, b, pad_id)) * tokens
+        n += tokens
+    model.train()
+    return total / max(n, 1)
+
+
+def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    from ..models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
+
+    sc = cfg.sft
+    clock = Clock()
+    records, report = sft_examples(cfg)
+    report = report or LoadReport("generated task", read=len(records), kept=len(records))
+    base = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(base)
+    examples = encode(records, tokenizer, sc.max_seq_len, report)
+    if len(examples) < 2:
+        raise ValueError(f"sft: {len(examples)} usable examples ({report.summary()})")
+    rng = random.Random(sc.seed)
+    rng.shuffle(examples)
+    n_eval = int(len(examples) * sc.eval_fraction)
+    held, train = examples[:n_eval], examples[n_eval:]
+
+    use_all_cores()
+    torch.manual_seed(sc.seed)
+    model = load_causal_lm(base, cfg.model.dtype)
+    if sc.mode == "lora":
+        model = add_lora(model, cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    pad = tokenizer.pad_token_id
+    before = eval_loss(model, held, pad, sc.batch_size) if held else None
+    history = train_epochs(params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr, seed=sc.seed,
+                           loss_fn=lambda b: (_lm_loss(model, b, pad), {}), desc="sft", progress=progress)
+    after = eval_loss(model, held, pad, sc.batch_size) if held else None
+    out = sft_dir(cfg)
+    summary = {
+        "stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
+        "train_examples": len(train), "heldout_examples": len(held), "steps": len(history),
+        "trainable_params": sum(p.numel() for p in params),
+        "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+        "heldout_loss_before": before, "heldout_loss_after": after,
+    }
+    save_model(model, tokenizer, out, summary)
+    summary["time_s"] = clock()
+    write_summary(cfg.output.run_dir.resolve(), "sft", summary)
+    return summary
