@@ -31,6 +31,15 @@ def tiny_model_dir(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def untrained_rm(tiny_model_dir, tmp_path_factory):
+    """A reward model with a fresh score head on the tiny base: arbitrary but deterministic
+    scores, enough for tests of the PPO machinery (the RM stage has tests of its own)."""
+    from rlhf_ray.models.reward import build_reward_model
+
+    return str(build_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm") / "untrained_rm"))
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(tiny_cfg, tiny_model_dir):
     from rlhf_ray.actors.engine import build_engine
 
@@ -40,11 +49,13 @@ def vllm_engine(tiny_cfg, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def make_cfg(tiny_cfg, tiny_model_dir, tmp_path_factory):
-    """Tiny config on the session's model, a fresh output dir, small batches, plus overrides."""
+def make_cfg(tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory):
+    """Tiny config for PPO on the session's (un-fine-tuned) model and untrained reward model,
+    a fresh output dir, small batches and a small held-out evaluation, plus overrides."""
     def make(*overrides):
         out = tmp_path_factory.mktemp("out")
         return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
-            f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={out}",
-            "ppo.batch_size=8", "learner.minibatch_size=4", *overrides])
+            f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={out}", "ppo.base=model",
+            f"reward.path={untrained_rm}", "ppo.batch_size=8", "learner.minibatch_size=4",
+            "eval.num_prompts=4", *overrides])
     return make

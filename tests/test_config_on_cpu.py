@@ -21,7 +21,8 @@ def test_tiny_config_sections_and_overrides():
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.cluster.address == "auto"
     assert {f.name for f in dataclasses.fields(cfg)} == {
-        "model", "lora", "data", "rollout", "reward", "reference", "learner", "ppo", "cluster", "output"}
+        "model", "lora", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "eval",
+        "cluster", "output"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.ppo.clip_eps = 0.3  # type: ignore[misc]
 

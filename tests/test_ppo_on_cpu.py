@@ -66,6 +66,27 @@ def test_metrics_file_has_stages_throughput_and_memory(trainer, records):
     assert all(k in rec["learner"] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"))
 
 
+def test_held_out_evaluation_before_and_after(trainer, records):
+    before, after = trainer.evals["before"], trainer.evals["after"]
+    # eval.num_prompts=4 x samples_per_prompt=2, padded to the 2 learner ranks and cut again
+    assert before["samples"] == after["samples"] == 8
+    assert before["adapter_version"] == 0 and after["adapter_version"] == len(records)
+    assert abs(before["kl_per_seq"]) < 1e-3 < after["kl_per_seq"]  # version 0 is the identity adapter
+    for e in (before, after):
+        assert 0.0 <= e["judge_score"] <= 1.0 and e["examples"] and e["judge"] == "positive_sentiment"
+    summary = json.loads((trainer.run_dir / "ppo.json").read_text())
+    assert summary["eval"]["after"]["kl_per_seq"] == after["kl_per_seq"] and summary["stale_samples"] == 0
+
+    from rlhf_ray.report import write_report
+
+    report = write_report(trainer.run_dir, "test")
+    text = report.read_text()
+    assert "## Targets" in text and "judge (positive_sentiment)" in text and "## PPO per step" in text
+    for name in ("reward", "kl", "entropy", "clip_frac", "samples_per_s"):
+        png = trainer.run_dir / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
 def test_rollout_fleet_scales_between_steps(trainer, records):
     removed = trainer.remove_rollout_actor()
     r1 = trainer.step()

@@ -6,27 +6,46 @@ import pytest
 from test_cli_on_cpu import TINY, rlhf_ray
 
 
-def test_empty_prompt_set(tmp_path, tiny_model_dir):
+@pytest.fixture
+def ppo_args(tmp_path, tiny_model_dir, untrained_rm):
+    return ["--config", TINY, f"model.path={tiny_model_dir}", "ppo.base=model", f"reward.path={untrained_rm}",
+            f"output.dir={tmp_path}"]
+
+
+def test_empty_prompt_set(tmp_path, ppo_args):
     empty = tmp_path / "prompts.jsonl"
     empty.write_text("")
-    r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"data.prompts_path={empty}",
-                 f"output.dir={tmp_path}")
-    assert r.returncode == 1 and "the file is empty" in r.stderr
+    r = rlhf_ray("train", *ppo_args, f"data.prompts_path={empty}")
+    assert r.returncode == 1 and "data.prompts_path" in r.stderr and "the file is empty" in r.stderr
 
 
-def test_prompt_longer_than_context(tmp_path, tiny_model_dir):
+def test_prompt_longer_than_context(tmp_path, ppo_args):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the film was good"}\n' + '{"prompt": "%s"}\n' % ("the film was good " * 80))
-    r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"data.prompts_path={prompts}",
-                 "data.max_prompt_tokens=1000", f"output.dir={tmp_path}")
+    r = rlhf_ray("train", *ppo_args, f"data.prompts_path={prompts}", "data.max_prompt_tokens=1000")
     assert r.returncode == 1
     assert "prompt 1" in r.stderr and "context" in r.stderr
 
 
-def test_unreachable_ray_address(tmp_path, tiny_model_dir):
-    r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"output.dir={tmp_path}",
-                 "cluster.address=127.0.0.1:9")
+def test_malformed_prompt_record_stops_with_its_line(tmp_path, ppo_args):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the film was"}\n{"prompt": 3}\n')
+    r = rlhf_ray("train", *ppo_args, f"data.prompts_path={prompts}", "data.on_bad_record=error")
+    assert r.returncode == 1 and f"{prompts}:2: 'prompt' is not text" in r.stderr
+
+
+def test_unreachable_ray_address(ppo_args):
+    r = rlhf_ray("train", *ppo_args, "cluster.address=127.0.0.1:9")
     assert r.returncode == 1 and "cannot reach the Ray head at '127.0.0.1:9'" in r.stderr
+
+
+def test_train_before_sft_and_rm_says_what_to_run(tmp_path, tiny_model_dir, untrained_rm):
+    r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"output.dir={tmp_path}",
+                 f"reward.path={untrained_rm}")
+    assert r.returncode == 1 and "no SFT model at" in r.stderr and "rlhf-ray sft" in r.stderr
+    r = rlhf_ray("train", "--config", TINY, f"model.path={tiny_model_dir}", f"output.dir={tmp_path}",
+                 "ppo.base=model")
+    assert r.returncode == 1 and "no trained reward model at" in r.stderr and "rlhf-ray train-rm" in r.stderr
 
 
 def test_lora_rank_above_engine_max():

@@ -48,16 +48,15 @@ class LoadReport:
     first_problems: list[str] = field(default_factory=list)
 
     def drop(self, where: str, reason: str) -> None:
-        self.dropped[reason.split(":")[0]] += 1
+        self.dropped[reason.split(" (")[0].split(":")[0]] += 1  # the kind, without the record's details
         if len(self.first_problems) < 5:
             self.first_problems.append(f"{where}: {reason}")
 
     def summary(self) -> str:
         s = f"{self.source}: read {self.read}, kept {self.kept}"
-        if self.dropped:
-            s += ", dropped " + ", ".join(f"{n} ({r})" for r, n in self.dropped.most_common())
-        if self.filtered:
-            s += ", left out " + ", ".join(f"{n} ({r})" for r, n in self.filtered.most_common())
+        for what, counts in (("dropped", self.dropped), ("left out", self.filtered)):
+            if counts:
+                s += f", {what} {sum(counts.values())}: " + ", ".join(f"{n} {r}" for r, n in counts.most_common())
         return s
 
     def to_dict(self) -> dict:

@@ -44,7 +44,7 @@ def load_tokenizer(path: str):
 def load_causal_lm(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype(dtype))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
 
 
 def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True, task_type: str = "CAUSAL_LM"):

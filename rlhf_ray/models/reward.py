@@ -20,7 +20,7 @@ def build_reward_model(base_path: str, out_dir: str | Path, seed: int = 0) -> Pa
         return out
     torch.manual_seed(seed)
     tok = load_tokenizer(base_path)
-    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, torch_dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -35,7 +35,7 @@ def load_reward_model(path: str, dtype: str = "float32"):
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"reward.path={path!r}: no config.json in that directory")
-    model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch_dtype(dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))
     if model.config.num_labels != 1:
         raise ValueError(f"reward.path={path!r}: the head has {model.config.num_labels} outputs, expected 1")
     tok = load_tokenizer(path)

@@ -138,7 +138,7 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     hf_logging.set_verbosity_error()  # "score head newly initialised" is the point here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
-                                                                   torch_dtype=torch_dtype(cfg.model.dtype))
+                                                                   dtype=torch_dtype(cfg.model.dtype))
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
