@@ -37,13 +37,16 @@ def ray_head(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
 
 
-def test_ray_job_submit_runs_training(ray_head, tmp_path, tiny_model_dir):
+def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_dir):
+    """`rlhf-ray run` (SFT, reward model, PPO with the held-out judge, report) as a Ray job,
+    at small sizes: what `make run` does, submitted to a cluster."""
     out = tmp_path / "job_runs"
     submit = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait",
          "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
-         sys.executable, "-m", "rlhf_ray.cli", "train", "--config", "configs/tiny_cpu.yaml",
+         sys.executable, "-m", "rlhf_ray.cli", "run", "--config", "configs/tiny_cpu.yaml",
          f"model.path={tiny_model_dir}", f"output.dir={out}", "output.name=job",
+         "sft.num_examples=200", "sft.epochs=1", "rm.num_pairs=64", "rm.epochs=1", "eval.num_prompts=4",
          "ppo.steps=2", "ppo.batch_size=8", "learner.minibatch_size=4"],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stderr[-3000:]
@@ -64,7 +67,15 @@ def test_ray_job_submit_runs_training(ray_head, tmp_path, tiny_model_dir):
             time.sleep(5)
     logs = ray_job("logs", job_id)
     assert found is not None and found.group(2).lower() == "succeeded", status + logs[-5000:]
-    records = [json.loads(line) for line in (out / "job" / "metrics.jsonl").read_text().splitlines()]
+    run = out / "job"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generated_with_version"] for r in records] == [[0], [1]]
     assert all(r["stale_samples"] == 0 for r in records)
     assert "joined" in logs  # it used the cluster, not a head of its own
+    ppo = json.loads((run / "ppo.json").read_text())
+    assert ppo["base"] == str(run / "sft_model") and ppo["reward_model"] == str(run / "reward_model")
+    assert set(ppo["eval"]) == {"before", "after"}
+    report = (run / "report.md").read_text()
+    assert "reward model: held-out pair accuracy" in report and "whole pipeline wall time" in report
+    assert len(list((run / "plots").glob("*.png"))) == 5
+    assert "reward model: held-out pair accuracy" in logs  # the targets table ends the output
