@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/rlhf-ray train --config $(CONFIG)
+	$(VENV)/bin/rlhf-ray run --config $(CONFIG)
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: $(STAMP)
