@@ -95,8 +95,6 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     import time
 
     from .models import resolve_model_path
-    from .stages.rm import run_train_rm
-    from .stages.sft import run_sft
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()

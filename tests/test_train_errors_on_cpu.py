@@ -1,5 +1,4 @@
 """Bad input to `rlhf-ray train` fails with a clear message before any actor starts."""
-import os
 
 import pytest
 

@@ -59,6 +59,13 @@ class LoadReport:
                 s += f", {what} {sum(counts.values())}: " + ", ".join(f"{n} {r}" for r, n in counts.most_common())
         return s
 
+    def announce(self, key: str) -> None:
+        """Print what was dropped or left out, so nothing goes missing unseen."""
+        if self.dropped or self.filtered:
+            print(f"{key}: {self.summary()}")
+            for problem in self.first_problems:
+                print(f"  {problem}")
+
     def to_dict(self) -> dict:
         return {"source": self.source, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
                 "filtered": dict(self.filtered), "first_problems": self.first_problems}

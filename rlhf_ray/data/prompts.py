@@ -15,10 +15,7 @@ def load_prompt_texts(cfg: DataConfig, path: str | None, *, key: str = "data.pro
     if path is None:
         return [p.text for p in task_prompts(num, cfg.seed, split)]
     texts, report = load_prompts(cfg, path, key, limit=num)
-    if report.dropped or report.filtered:
-        print(f"{key}: {report.summary()}")
-        for problem in report.first_problems:
-            print(f"  {problem}")
+    report.announce(key)
     return texts
 
 

@@ -16,17 +16,23 @@ def rm_dir(cfg: Config) -> Path:
     return Path(cfg.rm.output_dir or cfg.output.run_dir / "reward_model").resolve()
 
 
-def policy_base(cfg: Config) -> str:
-    """PPO's base (and reference) model: the SFT output when ``ppo.base=sft``."""
+def base_model(cfg: Config, choice: str, key: str) -> str:
+    """``choice`` (the value of config key ``key``): ``sft`` = the SFT stage's model for this
+    run, ``model`` = model.path (or the tiny model)."""
     from ..models import resolve_model_path
 
-    if cfg.ppo.base == "model":
+    if choice == "model":
         return resolve_model_path(cfg.model)
     d = sft_dir(cfg)
     if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"ppo.base=sft but there is no SFT model at {d}: run `rlhf-ray sft` "
-                                "with this config first, or set ppo.base=model")
+        raise FileNotFoundError(f"{key}=sft but there is no SFT model at {d}: run `rlhf-ray sft` "
+                                f"with this config first, or set {key}=model")
     return str(d)
+
+
+def policy_base(cfg: Config) -> str:
+    """PPO's base (and reference) model."""
+    return base_model(cfg, cfg.ppo.base, "ppo.base")
 
 
 def reward_path(cfg: Config) -> str:

@@ -15,7 +15,7 @@ from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import LoadReport
 from .finetune import Clock, pad_right, save_model, train_epochs, use_all_cores, write_summary
-from . import rm_dir, sft_dir
+from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
 
@@ -101,18 +101,6 @@ def reward_scale(model, pairs: list[tuple], pad_id: int, batch_size: int) -> dic
     return {"mean": float(scores.mean()), "std": float(scores.std().clamp_min(1e-6))}
 
 
-def rm_base(cfg: Config) -> str:
-    from ..models import resolve_model_path
-
-    if cfg.rm.base == "model":
-        return resolve_model_path(cfg.model)
-    d = sft_dir(cfg)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"rm.base=sft but there is no SFT model at {d}: run `rlhf-ray sft` "
-                                "with this config first, or set rm.base=model")
-    return str(d)
-
-
 def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification
 
@@ -121,11 +109,13 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     rc = cfg.rm
     clock = Clock()
-    base = rm_base(cfg)
+    base = base_model(cfg, rc.base, "rm.base")
     train_pairs, held_pairs, reports = preference_data(cfg)
     tokenizer = load_tokenizer(base)
     train = encode(train_pairs, tokenizer, rc.max_seq_len, reports[0], rc.use_margin)
     held = encode(held_pairs, tokenizer, rc.max_seq_len, reports[-1], rc.use_margin)
+    for key, report in zip(("rm.data_path", "rm.eval_path"), reports):
+        report.announce(key)
     if not train or not held:
         raise ValueError(f"train-rm: {len(train)} training and {len(held)} held-out pairs left after "
                          f"dropping those over rm.max_seq_len ({'; '.join(r.summary() for r in reports)})")

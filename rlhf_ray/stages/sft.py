@@ -72,6 +72,7 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     base = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base)
     examples = encode(records, tokenizer, sc.max_seq_len, report)
+    report.announce("sft.data_path")
     if len(examples) < 2:
         raise ValueError(f"sft: {len(examples)} usable examples ({report.summary()})")
     rng = random.Random(sc.seed)
