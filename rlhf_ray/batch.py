@@ -17,13 +17,17 @@ class Samples:
     versions: list[int] = field(default_factory=list)  # adapter version each sample came from
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+    compute_s: float = 0.0  # time inside the engine; parts made in parallel keep the longest
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     def extend(self, other: "Samples") -> None:
         for name in self.__dataclass_fields__:
-            getattr(self, name).extend(getattr(other, name))
+            if name == "compute_s":
+                self.compute_s = max(self.compute_s, other.compute_s)
+            else:
+                getattr(self, name).extend(getattr(other, name))
 
     @property
     def num_response_tokens(self) -> int:

@@ -114,6 +114,32 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {  # name -> (module under benchmarks/, function)
+    "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
+    "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
+    "compare-trl": ("compare_trl", "run"),
+}
+
+
+def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "common.py").is_file():
+        print(f"rlhf-ray bench: the benchmarks/ folder of the repository is not at {root}", file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(root))
+    module, fn = BENCHMARKS[args.name]
+    params, results, text = getattr(importlib.import_module(f"benchmarks.{module}"), fn)(cfg, args)
+    common = importlib.import_module("benchmarks.common")
+    path = common.write_result(args.name, cfg, params, results, text, out_dir=args.out,
+                               extra_versions=results.pop("_extra_versions", ()))
+    print(text)
+    print(f"\nresults: {path}")
+    return 0
+
+
 def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
     cols = ["generate", "reward", "reference", "train", "publish", "idle", "total"]
     print(f"{'step':>4} {'ver':>3} {'stale':>5} {'reward':>8} {'kl/seq':>7} {'lp_gap':>8} {'tok/s':>7} "
@@ -136,6 +162,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "train-rm": (_cmd_train_rm, "reward model from preference pairs (pairwise ranking loss with margin)"),
     "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner; report"),
     "run": (_cmd_run, "the whole pipeline: tiny model, SFT, reward model, PPO, held-out judge, report"),
+    "bench": (_cmd_bench, "a benchmark; writes benchmarks/results/<name>.json and prints its table"),
 }
 
 
@@ -144,8 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "bench":  # before the overrides, which would otherwise swallow it
+            p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
         p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        if name == "bench":
+            p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+            p.add_argument("--repeats", type=int, default=3, help="rollout: timed rounds")
+            p.add_argument("--num-prompts", type=int, default=64, help="rollout: prompts per round")
+            p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
+            p.add_argument("--soak", type=int, default=1000, help="sync: soak publishes")
+            p.add_argument("--steps", type=int, default=5, help="step/memory/scaling: measured PPO steps")
+            p.add_argument("--max-actors", type=int, default=2, help="scaling: largest rollout fleet")
+            p.add_argument("--trl-steps", type=int, default=10, help="compare-trl: training steps of each")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")

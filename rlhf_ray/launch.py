@@ -53,7 +53,8 @@ def connect(cfg: Config) -> str:
             _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+    # address="local": a head of our own even when another local cluster is running.
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
              runtime_env={"env_vars": dict(ROLE_ENV)})
     return "started a local head"
 

@@ -139,10 +139,10 @@ class PPOTrainer:
             samples.extend(part)
         return samples
 
-    def _old_and_reference(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(policy log-probs, values, reference log-probs) of a batch, from the learner ranks
-        (and the reference actor in ``reference.mode=actor``). Rows are padded by repetition to
-        a multiple of the learner's world size, and cut again."""
+    def _old_and_reference(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(policy log-probs, values, reference log-probs, compute seconds of the slowest rank)
+        of a batch, from the learner ranks (and the reference actor in ``reference.mode=actor``).
+        Rows are padded by repetition to a multiple of the learner's world size, and cut again."""
         import ray
 
         n, world = len(batch), self.cfg.learner.num_workers
@@ -154,11 +154,12 @@ class PPOTrainer:
         values = torch.cat([e["old_values"] for e in evaluated])[:n]
         ref = (call("reference", ref_ref, self._timeout) if ref_ref is not None
                else torch.cat([e["ref_logprobs"] for e in evaluated]))[:n]
-        return old, values, ref
+        return old, values, ref, max(e["compute_s"] for e in evaluated)
 
-    def _score(self, samples: Samples) -> torch.Tensor:
-        return torch.tensor(call("reward", self.reward.score.remote(samples.prompts, samples.responses),
-                                 self._timeout))
+    def _score(self, samples: Samples) -> tuple[torch.Tensor, float]:
+        scores, compute_s = call("reward", self.reward.score_timed.remote(samples.prompts, samples.responses),
+                                 self._timeout)
+        return torch.tensor(scores), compute_s
 
     def evaluate(self, label: str = "") -> dict[str, Any]:
         """The current adapter on the held-out prompts: the judge's score (the rule-based scorer
@@ -170,9 +171,9 @@ class PPOTrainer:
         t = time.perf_counter()
         samples = self._generate(ids, texts)
         batch = pad_samples(samples, self.tokenizer.pad_token_id)
-        old, _, ref = self._old_and_reference(batch)
+        old, _, ref, _ = self._old_and_reference(batch)
         kl_seq = ((old - ref) * batch.action_mask).sum(dim=1)
-        scores = self._score(samples)
+        scores, _ = self._score(samples)
         out: dict[str, Any] = {
             "label": label, "adapter_version": self.version, "prompts": len(self.eval_texts),
             "samples": len(samples), "reward_mean": float(scores.mean()),
@@ -201,9 +202,9 @@ class PPOTrainer:
         stale = sum(v != self.version for v in samples.versions)
         batch = pad_samples(samples, self.tokenizer.pad_token_id)
         with timer.stage("reward"):
-            scores = self._score(samples)
+            scores, reward_compute = self._score(samples)
         with timer.stage("reference"):
-            batch.old_logprobs, batch.old_values, batch.ref_logprobs = self._old_and_reference(batch)
+            batch.old_logprobs, batch.old_values, batch.ref_logprobs, ref_compute = self._old_and_reference(batch)
         with timer.stage("advantages"):
             mask = batch.action_mask
             rewards, kl = algo.kl_shaped_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask,
@@ -218,6 +219,11 @@ class PPOTrainer:
                          self._timeout)
             self.version += 1
         times = timer.finish()
+        # Time spent computing inside the roles (the slowest of parallel parts) and in the driver's
+        # maths; the rest of the step is orchestration: Ray calls, serialisation, waiting.
+        compute = {"generate": samples.compute_s, "reward": reward_compute, "reference": ref_compute,
+                   "advantages": times["advantages"], "train": max(u["stats"]["compute_s"] for u in updated),
+                   "publish": max(s["swap_s"] for s in swaps)}
 
         kl_per_seq = (kl * mask).sum(dim=1)
         kl_coef = self.kl_ctl.value
@@ -233,6 +239,8 @@ class PPOTrainer:
             "response_tokens": n_tokens,
             "rollout_actors": len(self.generators),
             "time_s": times,
+            "compute_s": compute,
+            "overhead_frac": max(0.0, times["total"] - sum(compute.values())) / times["total"],
             "tokens_per_s": n_tokens / times["total"],
             "samples_per_s": len(samples) / times["total"],
             "generate_tokens_per_s": n_tokens / max(times["generate"], 1e-9),

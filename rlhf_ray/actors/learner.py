@@ -8,6 +8,7 @@ CPU, NCCL on GPU) and DDP averages the gradients.
 """
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any, Optional
 
@@ -135,10 +136,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 outbox.put(("memory", rank, core.memory_stats()))
                 continue
             batch = ray.get(msg[1][0]).shard(rank, world)
+            t = time.perf_counter()
             if kind == "evaluate":
-                outbox.put(("evaluated", rank, core.evaluate(batch)))
+                out = core.evaluate(batch)
+                out["compute_s"] = time.perf_counter() - t
+                outbox.put(("evaluated", rank, out))
             elif kind == "update":
                 stats = core.update(batch)
+                stats["compute_s"] = time.perf_counter() - t
                 stats["memory"] = core.memory_stats()
                 adapter_ref = [ray.put(core.adapter(msg[2]))] if rank == 0 else None
                 outbox.put(("updated", rank, {"stats": stats, "adapter": adapter_ref}))

@@ -1,6 +1,8 @@
 """Reward-model role: scores prompt + response text in batches."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..config import Config
@@ -34,6 +36,12 @@ class RewardScorer:
             enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True)
             scores += ((self.model(**enc).logits[:, 0].float() - self.shift) / self.scale).tolist()
         return scores
+
+    def score_timed(self, prompts: list[str], responses: list[str]) -> tuple[list[float], float]:
+        """(scores, seconds spent scoring inside this actor)."""
+        t = time.perf_counter()
+        scores = self.score(prompts, responses)
+        return scores, time.perf_counter() - t
 
     def memory_stats(self) -> dict:
         return {"role": self.role, "name": "reward", **self.memory.stats()}

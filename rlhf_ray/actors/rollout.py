@@ -59,26 +59,24 @@ class RolloutGenerator:
             remove_adapter_dir(self._dir / f"v{old_version}")
         return {"version": adapter.version, "swap_s": time.perf_counter() - t}
 
-    def generate(self, prompt_ids: list[list[int]], seed: Optional[int] = None) -> Samples:
-        """Sample one response per prompt with the current adapter."""
-        from vllm import SamplingParams
-
-        if self._lora is None:
+    def generate(self, prompt_ids: list[list[int]], adapter: bool = True) -> Samples:
+        """Sample one response per prompt with the current adapter (``adapter=False``: the base
+        model alone, which benchmarks compare against)."""
+        if adapter and self._lora is None:
             raise RuntimeError(f"{self.name}: no adapter loaded; publish version 0 first")
-        params = self._params if seed is None else SamplingParams(
-            **{**{k: getattr(self._params, k) for k in ("temperature", "top_p", "max_tokens", "logprobs")},
-               "seed": seed})
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
-                                 lora_request=self._lora, use_tqdm=False)
+        t = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params,
+                                 lora_request=self._lora if adapter else None, use_tqdm=False)
         samples = Samples()
         for p, o in zip(prompt_ids, outs):
             c = o.outputs[0]
             samples.prompt_ids.append(list(p))
             samples.response_ids.append(list(c.token_ids))
             samples.logprobs.append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-            samples.versions.append(self.version)
+            samples.versions.append(self.version if adapter else -1)
             samples.prompts.append(o.prompt or "")
             samples.responses.append(c.text)
+        samples.compute_s = time.perf_counter() - t
         return samples
 
     def memory_stats(self) -> dict:

@@ -1,0 +1,1 @@
+"""Benchmarks run by `rlhf-ray bench <name>`; they ship with the repository, not the wheel."""

