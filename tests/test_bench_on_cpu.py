@@ -1,0 +1,50 @@
+"""Every benchmark runs on a tiny setting and writes well-formed JSON. These check that the
+benchmarks work, not how fast anything is: the figures live in benchmarks/results and the README."""
+import json
+
+import pytest
+
+from test_cli_on_cpu import TINY, rlhf_ray
+
+pytestmark = pytest.mark.integration
+
+TINY_ARGS = {
+    "rollout": ["--repeats", "1", "--num-prompts", "4"],
+    "sync": ["--publishes", "3", "--soak", "5"],
+    "step": ["--steps", "1"],
+    "memory": ["--steps", "2"],
+    "scaling": ["--steps", "1", "--max-actors", "2"],
+    "compare-trl": ["--trl-steps", "1", "eval.num_prompts=4"],
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_ARGS))
+def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
+    out = tmp_path / "results"
+    r = rlhf_ray("bench", name, "--config", TINY, "--out", str(out), f"model.path={tiny_model_dir}",
+                 f"output.dir={tmp_path}", "ppo.batch_size=8", "learner.minibatch_size=4", *TINY_ARGS[name],
+                 timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert doc["benchmark"] == name and doc["table"] in r.stdout
+    assert doc["machine"]["cpus"] >= 1 and doc["machine"]["memory_gib"] > 0
+    assert {"torch", "ray", "peft", "transformers"} <= set(doc["versions"]) and doc["versions"]["torch"]
+    assert doc["config"]["model"]["path"] == tiny_model_dir and doc["git_commit"]
+    res = doc["results"]
+    for target in res.get("targets", {}).values():  # each target says its value, goal and verdict
+        assert {"value", "goal", "met"} <= set(target)
+    if name == "rollout":
+        assert res["tokens_per_s_median"]["actor/lora"] > 0 and res["ratio_base"] > 0
+    elif name == "sync":
+        assert res["soak"]["stale_samples"] == 0 and res["soak"]["samples_checked"] == 5 * 4
+        assert res["latency"]["2_generators"]["p50_s"] > 0 and res["adapter_bytes"] > 0
+    elif name == "step":
+        assert set(res["compute_s_mean"]) == {"generate", "reward", "reference", "advantages", "train", "publish"}
+        assert 0.0 <= res["overhead_frac_mean"] < 1.0
+    elif name == "memory":
+        assert {"rollout-0", "rollout-1", "reward", "learner-0", "learner-1"} <= set(res["per_actor"])
+    elif name == "scaling":
+        assert set(res["by_rollout_actors"]) == {"1", "2"}
+    elif name == "compare-trl":
+        assert res["trl"]["samples"] == res["rlhf_ray"]["samples"] == 8
+        assert doc["versions"]["trl"] and 0.0 <= res["judge"]["trl"] <= 1.0
