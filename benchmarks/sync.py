@@ -107,12 +107,11 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
         if prev_state is not None:  # the same samples under the previous version: must not match
             from peft import set_peft_model_state_dict
 
-            cur = {k: v.clone() for k, v in adapter.tensors.items()}
             set_peft_model_state_dict(model, prev_state)
             closest_prev = min(closest_prev, gap(sequence_logprobs(model, batch.input_ids, batch.attention_mask,
                                                                    cfg.rollout.temperature)))
-            set_peft_model_state_dict(model, cur)
-        prev_state = {k: v.clone() for k, v in adapter.tensors.items()}
+            set_peft_model_state_dict(model, adapter.tensors)
+        prev_state = adapter.tensors  # extract_adapter already made these copies
         if not all(v == version for v in samples.versions):
             raise AssertionError(f"generators report versions {set(samples.versions)} after publishing {version}")
     results["soak"] = {"publishes": args.soak, "samples_checked": checked, "stale_samples": stale,

@@ -187,7 +187,7 @@ class PPOTrainer:
             out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
         out["examples"] = [{"prompt": p, "response": r, "reward": float(s),
                             **({"judge": verdicts[i].score} if verdicts else {})}
-                           for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][:: max(1, k)][:8]
+                           for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][::k][:8]
         out["time_s"] = time.perf_counter() - t
         return out
 
