@@ -15,6 +15,8 @@ class Samples:
     response_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)  # behaviour log-probs of response tokens
     versions: list[int] = field(default_factory=list)  # adapter version each sample came from
+    finished: list[bool] = field(default_factory=list)  # ended with EOS/stop (False: cut at max_new_tokens)
+    prompt_index: list[int] = field(default_factory=list)  # which prompt of the step; a prompt's samples are adjacent
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     compute_s: float = 0.0  # time inside the engine; parts made in parallel keep the longest
@@ -32,6 +34,17 @@ class Samples:
     @property
     def num_response_tokens(self) -> int:
         return sum(len(r) for r in self.response_ids)
+
+    def reordered(self, order: list[int]) -> "Samples":
+        out = Samples(compute_s=self.compute_s)
+        for name in self.__dataclass_fields__:
+            if name != "compute_s":
+                setattr(out, name, [getattr(self, name)[i] for i in order])
+        return out
+
+    @property
+    def truncation_rate(self) -> float:
+        return (len(self) - sum(self.finished)) / len(self) if len(self) else 0.0
 
 
 @dataclass
@@ -63,6 +76,19 @@ class TokenBatch:
         for name in self.__dataclass_fields__:
             v = getattr(self, name)
             out[name] = v[index] if v is not None else None
+        return TokenBatch(**out)
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(**{name: (v.to(device) if v is not None else None)
+                             for name in self.__dataclass_fields__ for v in [getattr(self, name)]})
+
+    def trimmed(self) -> "TokenBatch":
+        """Without the right padding that only longer rows of the whole batch needed."""
+        seq = int(self.attention_mask.sum(dim=1).max())
+        out = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            out[name] = None if v is None else (v[:, :seq] if v.shape[1] == self.input_ids.shape[1] else v[:, :seq - 1])
         return TokenBatch(**out)
 
     def shard(self, rank: int, world: int) -> "TokenBatch":

@@ -180,23 +180,41 @@ class RolloutConfig:
     """vLLM generator actors; their count is independent of the learner's workers."""
 
     num_actors: int = 2
+    samples_per_prompt: int = 1  # vLLM's n: samples of one prompt, generated together on one engine
     max_new_tokens: int = 24
+    # Sampling. The learner models temperature, top_k and top_p exactly (its log-probs, KL and
+    # entropy are of the same truncated, renormalised distribution vLLM samples from).
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # only 1.0: the learner cannot model a penalty on history
     max_lora_rank: int = 16  # vLLM's default is 16; the policy's lora.rank must fit under it
     max_loras: int = 1
-    kv_cache_mib: int = 256  # explicit KV cache so several engines fit beside the learner
-    gpu_memory_utilization: float = 0.1  # on CPU vLLM reads this as a fraction of RAM
+    max_model_len: Optional[int] = None  # None = longest prompt + max_new_tokens (sizes the engine)
+    kv_cache_mib: Optional[int] = None  # explicit KV cache; None = 256 MiB on CPU, on GPU what
+    #                                     gpu_memory_utilization leaves after weights and activations
+    gpu_memory_utilization: Optional[float] = None  # None = 0.9 on GPU; on CPU vLLM reads it as a
+    #                                                 fraction of RAM (None = 0.1)
+    enforce_eager: Optional[bool] = None  # None = eager on CPU, CUDA graphs on GPU
     num_cpus: float = 0.5  # Ray bookkeeping: roles outnumber cores on a laptop
     num_gpus: float = 0.0  # 1 per engine on a GPU cluster
-    seed: int = 0
+    seed: int = 0  # engine i gets seed + i; every request also carries a seed from (seed, step, prompt)
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, "num_actors", f"must be >= 1, got {self.num_actors!r}")
-        _positive(self, "max_new_tokens", "temperature", "max_lora_rank", "max_loras", "kv_cache_mib")
+        _positive(self, "samples_per_prompt", "max_new_tokens", "temperature", "max_lora_rank", "max_loras")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
-               f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k!r}")
+        _check(self.repetition_penalty == 1.0, "repetition_penalty",
+               f"must be 1.0, got {self.repetition_penalty!r}: a penalty on tokens already generated makes "
+               "vLLM sample from a distribution the learner's log-probs cannot describe, so the PPO ratio and "
+               "KL would be wrong")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+               f"must be > 0 or null, got {self.max_model_len!r}")
+        _check(self.kv_cache_mib is None or self.kv_cache_mib > 0, "kv_cache_mib",
+               f"must be > 0 or null, got {self.kv_cache_mib!r}")
+        _check(self.gpu_memory_utilization is None or 0.0 < self.gpu_memory_utilization <= 1.0,
+               "gpu_memory_utilization", f"must be in (0, 1] or null, got {self.gpu_memory_utilization!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
 
 
@@ -205,12 +223,16 @@ class RewardConfig:
     """Reward model: a sequence-classification head with one output."""
 
     path: Optional[str] = None  # a reward model directory; None = the one `train-rm` wrote for this run
+    rule: Optional[str] = None  # a rule from rlhf_ray.rules.RULES instead of a model (tests, checkable tasks)
     batch_size: int = 32
     num_cpus: float = 0.25
     num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
+        from .rules import RULES
+
+        _check(self.rule is None or self.rule in RULES, "rule", f"must be one of {sorted(RULES)} or null, got {self.rule!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
 
 
@@ -236,13 +258,17 @@ class LearnerConfig:
     use_gpu: bool = False
     lr: float = 1e-3
     epochs: int = 2  # PPO epochs over each rollout batch
-    minibatch_size: int = 16
+    minibatch_size: int = 16  # rows per optimizer step, over all workers together
+    micro_batch_size: int = 8  # rows per forward/backward on one worker; gradients accumulate
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
     max_grad_norm: float = 1.0
     num_cpus_per_worker: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
-        _positive(self, "lr", "epochs", "minibatch_size", "max_grad_norm")
+        _positive(self, "lr", "epochs", "minibatch_size", "micro_batch_size", "logprob_chunk_tokens",
+                  "max_grad_norm")
         _check(self.num_cpus_per_worker >= 0, "num_cpus_per_worker",
                f"must be >= 0, got {self.num_cpus_per_worker!r}")
 
@@ -264,7 +290,12 @@ class PPOConfig:
     kl_estimator: str = "k1"
     kl_target: Optional[float] = None  # set to use the adaptive KL controller
     kl_horizon: int = 10000
+    estimator: str = "gae"  # advantage estimator, from rlhf_ray.algo.ESTIMATORS
     whiten_advantages: bool = True
+    # A response cut at rollout.max_new_tokens (no EOS): score it as if finished (rewards running
+    # to the limit), give it truncated_penalty instead of its score, or mask it (no reward, no loss).
+    truncated: str = "penalty"
+    truncated_penalty: float = -1.0  # in reward units (the reward model's scores are unit-scale)
 
     def __post_init__(self) -> None:
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
@@ -277,6 +308,12 @@ class PPOConfig:
                f"must be one of k1, k2, k3, got {self.kl_estimator!r}")
         _check(self.kl_target is None or self.kl_target > 0, "kl_target",
                f"must be > 0 or null, got {self.kl_target!r}")
+        from .algo.estimators import ESTIMATORS
+
+        _check(self.estimator in ESTIMATORS, "estimator",
+               f"must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
+        _check(self.truncated in ("score", "penalty", "mask"), "truncated",
+               f"must be one of score, penalty, mask, got {self.truncated!r}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +336,7 @@ class OutputConfig:
 
     dir: str = "runs"
     name: str = "default"
+    save_every: int = 0  # also write <run>/adapter every N PPO steps (0 = only at the end)
 
     @property
     def run_dir(self) -> Path:
@@ -307,6 +345,7 @@ class OutputConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name",
                f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every!r}")
 
 
 @dataclass(frozen=True)
@@ -329,9 +368,14 @@ class Config:
         # Checks that span sections; keys are given in full.
         _check(self.lora.rank <= self.rollout.max_lora_rank, "lora.rank",
                f"{self.lora.rank} exceeds the engines' rollout.max_lora_rank={self.rollout.max_lora_rank}")
-        # Every learner rank must take the same number of optimizer steps (DDP all-reduces).
-        _check(self.ppo.batch_size % self.learner.num_workers == 0, "ppo.batch_size",
-               f"{self.ppo.batch_size} is not divisible by learner.num_workers={self.learner.num_workers}")
+        # Every learner rank takes the same share of every minibatch and so the same number of
+        # backward passes (DDP all-reduces on each optimizer step).
+        lc, rows = self.learner, self.ppo.batch_size * self.rollout.samples_per_prompt
+        _check(lc.minibatch_size % lc.num_workers == 0, "learner.minibatch_size",
+               f"{lc.minibatch_size} is not divisible by learner.num_workers={lc.num_workers}")
+        _check(rows % lc.minibatch_size == 0, "ppo.batch_size",
+               f"{self.ppo.batch_size} prompts x rollout.samples_per_prompt={self.rollout.samples_per_prompt} "
+               f"= {rows} rows is not divisible by learner.minibatch_size={lc.minibatch_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -59,11 +59,37 @@ def connect(cfg: Config) -> str:
     return "started a local head"
 
 
-def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0) -> Any:
+def check_gpu_requests(cfg: Config) -> None:
+    """Before any actor starts: every role that asks for GPUs, against the GPUs the cluster
+    has. Ray would otherwise leave such an actor pending forever (the run then fails after
+    cluster.call_timeout_s with a message that names no cause)."""
+    import ray
+
+    asks, total = [], cfg.rollout.num_gpus * cfg.rollout.num_actors
+    if cfg.rollout.num_gpus > 0:
+        asks.append(f"rollout.num_gpus={cfg.rollout.num_gpus} x {cfg.rollout.num_actors} actors")
+    if cfg.reward.num_gpus > 0:
+        asks.append(f"reward.num_gpus={cfg.reward.num_gpus}")
+        total += cfg.reward.num_gpus
+    if cfg.reference.mode == "actor" and cfg.reference.num_gpus > 0:
+        asks.append(f"reference.num_gpus={cfg.reference.num_gpus}")
+        total += cfg.reference.num_gpus
+    if cfg.learner.use_gpu:
+        asks.append(f"learner.use_gpu=true x {cfg.learner.num_workers} workers")
+        total += cfg.learner.num_workers
+    if not asks:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if total > have:
+        raise ValueError(f"the run asks for {total:g} GPUs ({', '.join(asks)}) but the Ray cluster has {have:g}; "
+                         "set those keys to 0/false to run on CPU, or join a cluster with GPUs")
+
+
+def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0, **kwargs: Any) -> Any:
     import ray
 
     return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                   runtime_env={"env_vars": dict(ROLE_ENV)}).remote(cfg, *args)
+                                   runtime_env={"env_vars": dict(ROLE_ENV)}).remote(cfg, *args, **kwargs)
 
 
 def call(role: str, refs: Any, timeout_s: float) -> Any:
@@ -102,16 +128,17 @@ class LearnerGroup:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg, "model_path": model_path, "inboxes": self.inboxes,
-                               "outbox": self.outbox, "timeout_s": self.timeout},
+                               "outbox": self.outbox},
             scaling_config=ScalingConfig(
                 num_workers=self.world, use_gpu=cfg.learner.use_gpu,
                 resources_per_worker={"CPU": cfg.learner.num_cpus_per_worker}),
             run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name="learner"),
         )
         self._error: Optional[BaseException] = None
+        self._next_id = 0
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="learner-fit")
         self._thread.start()
-        ready = self._collect("ready")
+        ready = self._collect("ready", None)
         self.initial_adapter_ref = ready[0][0]
         self._ray = ray
 
@@ -121,42 +148,44 @@ class LearnerGroup:
         except BaseException as e:  # reported by _collect
             self._error = e
 
-    def _collect(self, kind: str) -> list[Any]:
-        """One reply of ``kind`` per rank, in rank order."""
+    def _collect(self, kind: str, request_id: Optional[int]) -> list[Any]:
+        """One reply of ``kind`` to request ``request_id`` per rank, in rank order. A reply to
+        an earlier request (one that timed out on this side) is dropped, never credited here."""
         replies: dict[int, Any] = {}
         deadline = time.monotonic() + self.timeout
         while len(replies) < self.world:
             try:
-                k, rank, payload = self.outbox.get(timeout=1.0)
+                k, rid, rank, payload = self.outbox.get(timeout=1.0)
             except _queue.Empty:
                 if not self._thread.is_alive():
                     raise RoleFailed("learner", f"Ray Train run ended: {self._error!r}")
                 if time.monotonic() > deadline:
-                    raise RoleFailed("learner", f"no {kind!r} reply within {self.timeout}s")
+                    raise RoleFailed("learner", f"no {kind!r} reply within cluster.call_timeout_s={self.timeout}s")
                 continue
             if k == "error":
                 raise RoleFailed(f"learner (rank {rank})", payload.strip().splitlines()[-1]
                                  + "\n" + payload)
+            if rid != request_id:
+                continue
             if k != kind:
                 raise RoleFailed("learner", f"expected {kind!r}, got {k!r} from rank {rank}")
             replies[rank] = payload
         return [replies[r] for r in range(self.world)]
 
-    def _send(self, kind: str, batch_ref=None, version: Optional[int] = None) -> None:
+    def _request(self, kind: str, reply: str, batch_ref=None, version: Optional[int] = None) -> list[Any]:
+        self._next_id += 1
         for q in self.inboxes:
-            q.put((kind, [batch_ref], version))
+            q.put((kind, self._next_id, [batch_ref], version))
+        return self._collect(reply, self._next_id)
 
     def evaluate(self, batch_ref) -> list[dict]:
-        self._send("evaluate", batch_ref)
-        return self._collect("evaluated")
+        return self._request("evaluate", "evaluated", batch_ref)
 
     def update(self, batch_ref, next_version: int) -> list[dict]:
-        self._send("update", batch_ref, next_version)
-        return self._collect("updated")
+        return self._request("update", "updated", batch_ref, next_version)
 
     def memory(self) -> list[dict]:
-        self._send("memory")
-        return self._collect("memory")
+        return self._request("memory", "memory")
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -44,11 +44,20 @@ def extract_adapter(peft_model, version: int) -> AdapterVersion:
     return AdapterVersion(version=version, tensors=tensors, peft_config=cfg)
 
 
-def adapter_root() -> Path:
-    """A RAM disk where there is one (writes and vLLM's reads cost microseconds)."""
+def adapter_root(need_bytes: int = 0) -> tuple[Path, str]:
+    """(directory, note): a RAM disk where there is one with room for ``need_bytes`` (writes
+    and vLLM's reads cost microseconds), else the temp directory, with a note saying why.
+    Docker gives containers a 64 MB /dev/shm by default, less than a 7B model's r=64 adapter."""
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return base / "rlhf_ray_adapters"
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        free = shutil.disk_usage(shm).free
+        if free >= need_bytes:
+            return shm / "rlhf_ray_adapters", ""
+        note = (f"/dev/shm has {free / 2**20:.0f} MiB free, less than the {need_bytes / 2**20:.0f} MiB "
+                f"adapters need; writing them under {tempfile.gettempdir()} instead")
+    else:
+        note = f"no writable /dev/shm; adapters go under {tempfile.gettempdir()}"
+    return Path(tempfile.gettempdir()) / "rlhf_ray_adapters", note
 
 
 def write_adapter(adapter: AdapterVersion, directory: Path) -> Path:
@@ -63,3 +72,27 @@ def write_adapter(adapter: AdapterVersion, directory: Path) -> Path:
 
 def remove_adapter_dir(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_policy(adapter: AdapterVersion, value_head: dict[str, torch.Tensor], directory: Path) -> Path:
+    """The trained policy as a PEFT adapter directory (``PeftModel.from_pretrained`` and a vLLM
+    ``LoRARequest`` both load it) plus the value head, replacing ``directory`` atomically: it is
+    written beside it and renamed over it, so a crash leaves the old or the new one whole."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_adapter(adapter, tmp)
+    if value_head:
+        save_file(value_head, str(tmp / VALUE_HEAD_FILE))
+    (tmp / "rlhf_ray_adapter.json").write_text(json.dumps({"version": adapter.version}))
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory

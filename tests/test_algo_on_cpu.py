@@ -17,6 +17,8 @@ from rlhf_ray.algo import (
     pairwise_reward_loss,
     policy_loss,
     ppo_loss,
+    sampled_token_logprobs,
+    truncation_mask,
     value_loss,
     whiten,
 )
@@ -299,7 +301,8 @@ def test_ppo_loss_is_sum_of_parts_and_differentiable():
     adv, v, old_v, ret = (torch.randn(2, 6, generator=g) for _ in range(4))
     v = v.requires_grad_(True)
     mask = _padded_mask(2, 6, seed=22)
-    loss, parts = ppo_loss(lp, old, adv, v, old_v, ret, logits, mask,
+    _, ent = sampled_token_logprobs(logits, labels, with_entropy=True)
+    loss, parts = ppo_loss(lp, old, adv, v, old_v, ret, mask, entropy=ent,
                            clip_eps=0.2, value_clip_eps=0.3, vf_coef=0.5, entropy_coef=0.01)
     pg, _ = policy_loss(lp, old, adv, mask, 0.2)
     expected = pg + 0.5 * value_loss(v, old_v, ret, mask, 0.3) - 0.01 * entropy_from_logits(logits, mask)
@@ -309,7 +312,100 @@ def test_ppo_loss_is_sum_of_parts_and_differentiable():
     assert torch.isfinite(logits.grad).all() and v.grad.abs().sum() > 0
 
 
+def test_ppo_loss_with_global_normalizer_weighs_every_token_the_same():
+    """Two shards of one minibatch, each divided by the minibatch's total token count, sum to
+    the loss of the whole minibatch: what DDP's gradient average needs (times world size)."""
+    g = torch.Generator().manual_seed(5)
+    lp, old, adv, v, old_v, ret = (torch.randn(4, 7, generator=g) for _ in range(6))
+    mask = torch.zeros(4, 7)
+    for row, n in enumerate([7, 1, 2, 5]):  # shards [0, 1] and [2, 3]: 8 and 7 tokens
+        mask[row, :n] = 1
+    kw = dict(clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.3, entropy_coef=0.0)
+    whole, _ = ppo_loss(lp, old, adv, v, old_v, ret, mask, **kw)
+    total = float(mask.sum())
+    parts = [ppo_loss(*(t[s] for t in (lp, old, adv, v, old_v, ret, mask)), normalizer=total, **kw)[0]
+             for s in (slice(0, 2), slice(2, 4))]
+    assert (parts[0] + parts[1]).item() == pytest.approx(whole.item(), abs=1e-6)
+    # A per-shard mean averaged over shards is not the same thing here.
+    local = [ppo_loss(*(t[s] for t in (lp, old, adv, v, old_v, ret, mask)), **kw)[0] for s in (slice(0, 2), slice(2, 4))]
+    assert abs(((local[0] + local[1]) / 2).item() - whole.item()) > 1e-4
+
+
+def test_ppo_loss_without_critic_has_no_value_term():
+    g = torch.Generator().manual_seed(6)
+    lp, old, adv = (torch.randn(2, 5, generator=g) for _ in range(3))
+    mask = torch.ones(2, 5)
+    loss, parts = ppo_loss(lp, old, adv, None, None, None, mask, clip_eps=0.2, value_clip_eps=0.2,
+                           vf_coef=1.0, entropy_coef=0.0)
+    assert parts["value_loss"].item() == 0.0 and loss.item() == pytest.approx(parts["policy_loss"].item())
+
+
+# ---------- the sampling distribution the learner models ----------
+
+def _vllm_rule(z, k, p):
+    """vLLM's top-k/top-p rule, written out row by row in plain Python."""
+    out = []
+    for row in z.tolist():
+        order = sorted(range(len(row)), key=lambda i: row[i])  # ascending
+        kept = set(range(len(row)))
+        if 0 < k < len(row):
+            kth = sorted(row, reverse=True)[k - 1]
+            kept = {i for i in kept if row[i] >= kth}
+        if p < 1:
+            live = [i for i in order if i in kept]
+            m = max(row[i] for i in live)
+            w = [math.exp(row[i] - m) for i in live]
+            tot, cum = sum(w), 0.0
+            for j, i in enumerate(live):
+                cum += w[j] / tot
+                if cum <= 1 - p and j < len(live) - 1:
+                    kept.discard(i)
+        out.append(kept)
+    return out
+
+
+@pytest.mark.parametrize("k,p", [(0, 0.9), (3, 1.0), (4, 0.7), (0, 0.3)])
+def test_truncation_mask_matches_the_engines_rule(k, p):
+    z = torch.randn(6, 10, generator=torch.Generator().manual_seed(k * 10 + int(p * 10)))
+    mask = truncation_mask(z, k, p)
+    expect = _vllm_rule(z, k, p)
+    for row in range(6):
+        assert {i for i in range(10) if mask[row, i]} == expect[row]
+
+
+def test_sampled_token_logprobs_renormalise_over_the_kept_set():
+    z = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    lp, ent = sampled_token_logprobs(z, torch.tensor([1]), temperature=0.5, top_k=2, with_entropy=True)
+    kept = torch.tensor([4.0, 2.0])  # z / 0.5 for the two largest
+    assert lp.item() == pytest.approx((kept[1] - torch.logsumexp(kept, 0)).item(), abs=1e-6)
+    probs = torch.softmax(kept, 0)
+    assert ent.item() == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-6)
+    # No truncation: the plain tempered softmax.
+    lp_full, _ = sampled_token_logprobs(z, torch.tensor([3]), temperature=0.5)
+    assert lp_full.item() == pytest.approx(torch.log_softmax(z / 0.5, -1)[0, 3].item(), abs=1e-6)
+
+
+def test_sampled_token_is_never_impossible():
+    """A label outside the learner's nucleus (the engine's logits differ by ~1e-7 and can put a
+    boundary token on the other side) keeps a finite log-prob."""
+    z = torch.tensor([[5.0, 0.0, -5.0]])
+    lp, _ = sampled_token_logprobs(z, torch.tensor([2]), top_p=0.5)
+    assert torch.isfinite(lp).all() and lp.item() < -5
+
+
 def test_algo_imports_no_distributed_stack():
     code = ("import sys, rlhf_ray.algo; bad = [m for m in ('ray', 'vllm', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_truncation_modes():
+    from rlhf_ray.algo import apply_truncation
+
+    scores, finished = torch.tensor([0.5, 2.0, -0.3]), torch.tensor([True, False, True])
+    s, keep = apply_truncation(scores, finished, "score")
+    assert s.tolist() == scores.tolist() and keep.all()
+    s, keep = apply_truncation(scores, finished, "penalty", -1.5)
+    assert s.tolist() == pytest.approx([0.5, -1.5, -0.3]) and keep.all()
+    s, keep = apply_truncation(scores, finished, "mask")
+    assert s.tolist() == pytest.approx([0.5, 0.0, -0.3]) and keep.tolist() == [True, False, True]

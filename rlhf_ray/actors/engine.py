@@ -2,33 +2,47 @@
 benchmarks and tests, so every engine is configured the same way)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import Config
 
+CPU_KV_CACHE_MIB = 256
 
-def engine_kwargs(cfg: Config, model_path: str) -> dict:
+
+def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_model_len: Optional[int] = None,
+                  seed: Optional[int] = None) -> dict:
     """Keyword arguments for ``vllm.LLM``.
 
-    On the CPU backend ``gpu_memory_utilization`` is a fraction of host RAM and the default
-    asks for most of it; an explicit KV cache size lets several engines share a machine with
-    the learner. LoRA limits come from the config (vLLM defaults: rank 16, one adapter).
+    The engine is sized from the run: ``max_model_len`` = longest prompt + max_new_tokens
+    (else vLLM reserves the model's whole context, 4,096 tokens at 512 KiB each for a 7B
+    Llama, and refuses to start on a 24 GB card beside anything else). On a GPU the KV cache
+    is what ``gpu_memory_utilization`` leaves after weights and activations, and CUDA graphs
+    are on; on the CPU backend ``gpu_memory_utilization`` is a fraction of host RAM, so an
+    explicit KV cache lets several engines share a machine with the learner.
     """
     r = cfg.rollout
-    return dict(
+    kwargs = dict(
         model=model_path,
         dtype=cfg.model.dtype,
         enable_lora=True,
         max_lora_rank=r.max_lora_rank,
         max_loras=r.max_loras,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        kv_cache_memory_bytes=r.kv_cache_mib * 2**20,
-        seed=r.seed,
-        enforce_eager=True,
+        gpu_memory_utilization=r.gpu_memory_utilization or (0.9 if on_gpu else 0.1),
+        seed=r.seed if seed is None else seed,
+        enforce_eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
     )
+    kv_mib = r.kv_cache_mib if r.kv_cache_mib is not None else (None if on_gpu else CPU_KV_CACHE_MIB)
+    if kv_mib is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_mib * 2**20
+    if r.max_model_len or max_model_len:
+        kwargs["max_model_len"] = r.max_model_len or max_model_len
+    return kwargs
 
 
-def build_engine(cfg: Config, model_path: str, **overrides):
+def build_engine(cfg: Config, model_path: str, *, on_gpu: bool = False, max_model_len: Optional[int] = None,
+                 seed: Optional[int] = None, **overrides):
     from vllm import LLM
 
-    kwargs = engine_kwargs(cfg, model_path)
+    kwargs = engine_kwargs(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed)
     kwargs.update(overrides)
     return LLM(**kwargs)

@@ -1,20 +1,26 @@
-"""Learner role: PPO updates of the LoRA adapter + value head, data-parallel via Ray Train.
+"""Learner role: PPO updates of the LoRA adapter (+ value head), data-parallel via Ray Train.
 
 ``LearnerCore`` holds one worker's model and does the model work (plain class, usable
 without Ray). ``train_loop`` is the Ray Train worker loop: it serves requests from the
 driver (evaluate a batch, update on it, stop) read from a per-rank queue, so the driver
 keeps the PPO step in one place while ``TorchTrainer`` owns the process group (gloo on
 CPU, NCCL on GPU) and DDP averages the gradients.
+
+Memory: every forward runs on ``learner.micro_batch_size`` rows with gradients accumulated
+up to the minibatch, logits exist only for ``learner.logprob_chunk_tokens`` response tokens
+at a time (see ``models.policy``), the frozen base stays in ``model.dtype`` and only the
+adapter and value head (fp32) have gradients and optimizer state.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from typing import Any, Optional
 
 import torch
 
-from ..algo import logprobs_from_logits, masked_mean, ppo_loss
+from ..algo import ESTIMATORS, masked_mean, ppo_loss
 from ..batch import TokenBatch
 from ..config import Config
 from ..sync import AdapterVersion, extract_adapter
@@ -24,82 +30,127 @@ from ..telemetry import MemorySampler
 class LearnerCore:
     role = "learner"
 
-    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world: int = 1,
+                 device: Optional[torch.device] = None):
         from ..models import add_lora, load_causal_lm
-        from ..models.policy import PolicyWithValue
+        from ..models.policy import PolicyWithValue, Sampling, disable_dropout
 
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = device or torch.device("cpu")
         self.memory = MemorySampler()
-        # Same seed on every rank: identical LoRA init (DDP also broadcasts rank 0's).
+        lc = cfg.learner
+        # Same seed on every rank: identical LoRA init (DDP also checks it) and the same
+        # minibatch order, so every rank takes its share of the same global minibatch.
         torch.manual_seed(cfg.model.seed)
-        peft_model = add_lora(load_causal_lm(model_path, cfg.model.dtype), cfg.lora)
-        self.module = PolicyWithValue(peft_model, temperature=cfg.rollout.temperature)
-        self.model: torch.nn.Module = self.module  # replaced by the DDP wrapper under Ray Train
+        base = load_causal_lm(model_path, cfg.model.dtype, device=self.device)
+        if lc.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model = add_lora(base, cfg.lora)
+        self.module = PolicyWithValue(peft_model, Sampling.from_config(cfg.rollout),
+                                      critic=ESTIMATORS[cfg.ppo.estimator].needs_critic,
+                                      chunk_tokens=lc.logprob_chunk_tokens).to(self.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learner.lr)
-        self._gen = torch.Generator().manual_seed(cfg.model.seed + rank)
+        for p in self.params:  # adapter and head train in fp32 whatever the base's dtype
+            p.data = p.data.float()
+        disable_dropout(self.module)
+        self.model: torch.nn.Module = self.module  # replaced by the DDP wrapper under Ray Train
+        self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr)
+        self._gen = torch.Generator().manual_seed(cfg.model.seed)
+
+    def frozen_names(self) -> list[str]:
+        """Parameters and buffers DDP must neither broadcast at start-up nor watch: the whole
+        frozen base (13.5 GB for a 7B model in bf16), identical on every rank already."""
+        names = [n for n, p in self.module.named_parameters() if not p.requires_grad]
+        return names + [n for n, _ in self.module.named_buffers()]
+
+    def _micro(self, batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:
+        return batch.select(rows).trimmed().to(self.device)
 
     # -- requests -----------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch) -> dict[str, Optional[torch.Tensor]]:
         """Policy log-probs and values of the batch before the update, and reference
-        log-probs with the adapter disabled when ``reference.mode=shared_base``."""
+        log-probs with the adapter disabled when ``reference.mode=shared_base``. CPU tensors
+        of shape (batch, seq - 1)."""
         self.module.eval()
-        logits, values = self.module(batch.input_ids, batch.attention_mask)
-        mask = batch.action_mask.bool()
-        zero = torch.zeros_like(values)
-        out: dict[str, Optional[torch.Tensor]] = {
-            "old_logprobs": torch.where(mask, logprobs_from_logits(logits, batch.input_ids[:, 1:]), zero),
-            "old_values": torch.where(mask, values, zero),
-            "ref_logprobs": None,
-        }
-        if self.cfg.reference.mode == "shared_base":
-            from ..models.policy import sequence_logprobs
-
-            with self.module.policy.disable_adapter():
-                ref = sequence_logprobs(self.module.policy, batch.input_ids, batch.attention_mask,
-                                        self.cfg.rollout.temperature)
-            out["ref_logprobs"] = torch.where(mask, ref, zero)
-        return out
+        n, width = len(batch), batch.action_mask.shape[1]
+        out: dict[str, list] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
+        shared = self.cfg.reference.mode == "shared_base"
+        for i in range(0, n, self.cfg.learner.micro_batch_size):
+            m = self._micro(batch, torch.arange(i, min(i + self.cfg.learner.micro_batch_size, n)))
+            lp, values, _ = self.module(m.input_ids, m.attention_mask, m.action_mask)
+            out["old_logprobs"].append(_pad_to(lp, width))
+            if values is not None:
+                out["old_values"].append(_pad_to(values, width))
+            if shared:
+                ref = self.module.reference_logprobs(m.input_ids, m.attention_mask, m.action_mask)
+                out["ref_logprobs"].append(_pad_to(ref, width))
+        return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
     def update(self, batch: TokenBatch) -> dict[str, float]:
-        """``learner.epochs`` passes of minibatch PPO updates over this rank's shard."""
+        """``learner.epochs`` passes of minibatch PPO updates over the whole batch.
+
+        Every rank gets the whole batch and draws the same minibatch order; each takes every
+        ``world``-th row of a minibatch. Token means divide by the minibatch's token count over
+        all ranks, and each rank's loss is multiplied by ``world`` because DDP averages the
+        gradients: 1 worker and N workers then make the same update on the same data.
+        """
         cfg, lc = self.cfg.ppo, self.cfg.learner
         self.module.train()
+        from ..models.policy import disable_dropout
+
+        disable_dropout(self.module)
         n = len(batch)
-        mb = max(1, lc.minibatch_size // self.world)
         sums: dict[str, float] = {}
         count = 0
-        shift = torch.zeros(())
+        shift, shift_tokens = 0.0, 0.0
         for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
-            for i in range(0, n, mb):
-                m = batch.select(perm[i:i + mb])
-                logits, values = self.model(m.input_ids, m.attention_mask)
-                logprobs = logprobs_from_logits(logits, m.input_ids[:, 1:])
-                loss, parts = ppo_loss(
-                    logprobs, m.old_logprobs, m.advantages, values, m.old_values, m.returns, logits,
-                    m.action_mask, clip_eps=cfg.clip_eps, value_clip_eps=cfg.value_clip_eps,
-                    vf_coef=cfg.vf_coef, entropy_coef=cfg.entropy_coef)
+            for start in range(0, n, lc.minibatch_size):
+                rows = perm[start:start + lc.minibatch_size]
+                total_tokens = float(batch.action_mask[rows].sum())
+                mine = rows[self.rank::self.world]
+                micro = [mine[i:i + lc.micro_batch_size] for i in range(0, len(mine), lc.micro_batch_size)]
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for j, mrows in enumerate(micro):
+                    m = self._micro(batch, mrows)
+                    sync = j == len(micro) - 1 or self.model is self.module
+                    with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                        logprobs, values, entropy = self.model(
+                            m.input_ids, m.attention_mask, m.action_mask,
+                            with_entropy=True, grad_entropy=cfg.entropy_coef > 0)
+                        loss, parts = ppo_loss(
+                            logprobs, m.old_logprobs, m.advantages, values, m.old_values, m.returns,
+                            m.action_mask, entropy=entropy, clip_eps=cfg.clip_eps,
+                            value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
+                            entropy_coef=cfg.entropy_coef, normalizer=total_tokens)
+                        (loss * self.world).backward()
+                    # Each micro-batch's parts are its share of the minibatch mean; x world so
+                    # that the driver's average over ranks is the minibatch's value.
+                    for k, v in {**parts, "loss": loss.detach()}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * self.world
+                    if epoch == lc.epochs - 1:
+                        # How far this update moved the policy from the version that generated
+                        # the data: a stale generator would show a log-prob gap of about this size.
+                        shift += float(masked_mean((logprobs.detach() - m.old_logprobs).abs(), m.action_mask)
+                                       * m.action_mask.sum())
+                        shift_tokens += float(m.action_mask.sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
                 self.optimizer.step()
-                if epoch == lc.epochs - 1:
-                    # How far this update moved the policy from the version that generated the
-                    # data: a stale generator would show a log-prob gap of about this size.
-                    shift = shift + masked_mean((logprobs.detach() - m.old_logprobs).abs(), m.action_mask) * len(m)
-                for k, v in {**parts, "loss": loss.detach(), "grad_norm": grad_norm}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["optimizer_steps"] = count
-        stats["logprob_shift"] = float(shift) / n
+        stats["logprob_shift"] = shift / max(shift_tokens, 1.0)
         stats["param_checksum"] = self.param_checksum()
         return stats
 
     def adapter(self, version: int) -> AdapterVersion:
         return extract_adapter(self.module.policy, version)
+
+    def value_head_state(self) -> dict[str, torch.Tensor]:
+        head = self.module.value_head
+        return {} if head is None else {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
     def param_checksum(self) -> float:
         """Sum of all trainable weights: equal on every rank iff DDP kept them in sync."""
@@ -110,45 +161,75 @@ class LearnerCore:
         return {"role": self.role, "name": f"learner-{self.rank}", **self.memory.stats()}
 
 
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Back to the batch's width (micro-batches are trimmed), on the CPU for the driver."""
+    x = x.detach().float().cpu()
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def learner_device(use_gpu: bool) -> torch.device:
+    """Ray Train's device for this worker; a clear error where a GPU was asked for and CUDA is
+    missing (Ray's logical GPUs can exist without one)."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("learner: learner.use_gpu=true but CUDA is not available on this worker "
+                           "(torch.cuda.is_available() is False); set learner.use_gpu=false to train on CPU")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop. Messages in: ("evaluate"|"update", [batch_ref], version)
-    or ("stop",). Messages out: (kind, rank, payload), payload of an "updated" message from
-    rank 0 carrying a [ref] to the new ``AdapterVersion`` in the object store."""
+    """Ray Train worker loop. Requests in (one queue per rank): (kind, request_id, [batch_ref],
+    version) with kind evaluate|update|memory, or ("stop",). Replies out: (kind, request_id,
+    rank, payload); rank 0's "updated" payload carries a [ref] to the new ``AdapterVersion``
+    and the value head. An idle worker waits without a deadline: the driver's "stop", or its
+    death (which takes the queues down), ends it."""
     import ray
     import ray.train
     import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     inbox, outbox = config["inboxes"][rank], config["outbox"]
-    timeout = config["timeout_s"]
+    cfg: Config = config["cfg"]
+    request_id = None
     try:
         torch.set_num_threads(config.get("torch_threads", 1))
-        core = LearnerCore(config["cfg"], config["model_path"], rank, world)
-        core.model = ray.train.torch.prepare_model(core.module) if world > 1 else core.module
-        outbox.put(("ready", rank, [ray.put(core.adapter(0))] if rank == 0 else None))
+        core = LearnerCore(cfg, config["model_path"], rank, world, device=learner_device(cfg.learner.use_gpu))
+        if world > 1:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(core.module, core.frozen_names())
+            core.model = ray.train.torch.prepare_model(
+                core.module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+        outbox.put(("ready", None, rank, [ray.put(core.adapter(0))] if rank == 0 else None))
         while True:
-            msg = inbox.get(timeout=timeout)
+            msg = inbox.get(block=True)
             kind = msg[0]
             if kind == "stop":
                 break
+            request_id = msg[1]
             if kind == "memory":
-                outbox.put(("memory", rank, core.memory_stats()))
+                outbox.put(("memory", request_id, rank, core.memory_stats()))
                 continue
-            batch = ray.get(msg[1][0]).shard(rank, world)
+            batch = ray.get(msg[2][0])
             t = time.perf_counter()
             if kind == "evaluate":
-                out = core.evaluate(batch)
+                out = core.evaluate(batch.shard(rank, world))
                 out["compute_s"] = time.perf_counter() - t
-                outbox.put(("evaluated", rank, out))
+                outbox.put(("evaluated", request_id, rank, out))
             elif kind == "update":
                 stats = core.update(batch)
                 stats["compute_s"] = time.perf_counter() - t
                 stats["memory"] = core.memory_stats()
-                adapter_ref = [ray.put(core.adapter(msg[2]))] if rank == 0 else None
-                outbox.put(("updated", rank, {"stats": stats, "adapter": adapter_ref}))
+                payload = {"stats": stats, "adapter": None, "value_head": None}
+                if rank == 0:
+                    payload["adapter"] = [ray.put(core.adapter(msg[3]))]
+                    payload["value_head"] = core.value_head_state()
+                outbox.put(("updated", request_id, rank, payload))
             else:
                 raise ValueError(f"unknown learner request {kind!r}")
     except Exception:
-        outbox.put(("error", rank, traceback.format_exc()))
+        outbox.put(("error", request_id, rank, traceback.format_exc()))
         raise

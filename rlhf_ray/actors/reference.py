@@ -9,6 +9,7 @@ import torch
 
 from ..batch import TokenBatch
 from ..config import Config
+from ..devices import role_device
 from ..telemetry import MemorySampler
 
 
@@ -17,18 +18,28 @@ class ReferencePolicy:
 
     def __init__(self, cfg: Config, model_path: str):
         from ..models import load_causal_lm
+        from ..models.policy import Sampling
 
         torch.set_num_threads(1)
         self.cfg = cfg
+        self.device = role_device(self.role, cfg.reference.num_gpus, "reference.num_gpus")
         self.memory = MemorySampler()
-        self.model = load_causal_lm(model_path, cfg.model.dtype).eval()
+        self.model = load_causal_lm(model_path, cfg.model.dtype, device=self.device).eval()
+        self.sampling = Sampling.from_config(cfg.rollout).untruncated()
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """Shape (batch, seq - 1), 0 outside the response."""
+        """Shape (batch, seq - 1) on the CPU, 0 outside the response; computed in micro-batches
+        of ``learner.micro_batch_size`` rows, the learner's own memory bound."""
         from ..models.policy import sequence_logprobs
 
-        lp = sequence_logprobs(self.model, batch.input_ids, batch.attention_mask, self.cfg.rollout.temperature)
-        return torch.where(batch.action_mask.bool(), lp, torch.zeros_like(lp))
+        width, mb = batch.action_mask.shape[1], self.cfg.learner.micro_batch_size
+        out = []
+        for i in range(0, len(batch), mb):
+            m = batch.select(slice(i, i + mb)).trimmed().to(self.device)
+            lp = sequence_logprobs(self.model, m.input_ids, m.attention_mask, m.action_mask, self.sampling,
+                                   self.cfg.learner.logprob_chunk_tokens)
+            out.append(torch.nn.functional.pad(lp.float().cpu(), (0, width - lp.shape[1])))
+        return torch.cat(out)
 
     def memory_stats(self) -> dict:
         return {"role": self.role, "name": "reference", **self.memory.stats()}

@@ -6,6 +6,7 @@ import time
 import torch
 
 from ..config import Config
+from ..devices import role_device
 from ..telemetry import MemorySampler
 
 
@@ -18,8 +19,16 @@ class RewardScorer:
 
         torch.set_num_threads(1)
         self.cfg = cfg
+        self.device = role_device(self.role, cfg.reward.num_gpus, "reward.num_gpus")
         self.memory = MemorySampler()
+        self.rule = None
+        if cfg.reward.rule is not None:
+            from ..rules import RULES
+
+            self.rule = RULES[cfg.reward.rule]
+            return
         self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype)
+        self.model.to(self.device)
         self.tokenizer.padding_side = "right"
         # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
         norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}
@@ -29,12 +38,14 @@ class RewardScorer:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         from ..stages.rm import reward_text
 
+        if self.rule is not None:
+            return [float(self.rule(p, r)) for p, r in zip(prompts, responses)]
         texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         bs = self.cfg.reward.batch_size
         for i in range(0, len(texts), bs):
-            enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True)
-            scores += ((self.model(**enc).logits[:, 0].float() - self.shift) / self.scale).tolist()
+            enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True).to(self.device)
+            scores += ((self.model(**enc).logits[:, 0].float().cpu() - self.shift) / self.scale).tolist()
         return scores
 
     def score_timed(self, prompts: list[str], responses: list[str]) -> tuple[list[float], float]:

@@ -6,11 +6,13 @@ the previous id is removed (vLLM caches adapters by id; re-using one serves stal
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Optional
 
 from ..batch import Samples
 from ..config import Config
+from ..devices import role_device
 from ..sync import AdapterVersion, adapter_root, remove_adapter_dir, write_adapter
 from ..telemetry import MemorySampler
 from .engine import build_engine
@@ -19,26 +21,35 @@ from .engine import build_engine
 class RolloutGenerator:
     role = "rollout"
 
-    def __init__(self, cfg: Config, model_path: str, name: str = "rollout-0"):
-        from vllm import SamplingParams
-
+    def __init__(self, cfg: Config, model_path: str, name: str = "rollout-0", *, seed: Optional[int] = None,
+                 max_model_len: Optional[int] = None):
         self.cfg = cfg
         self.name = name
+        on_gpu = role_device(name, cfg.rollout.num_gpus, "rollout.num_gpus").type == "cuda"
         self.memory = MemorySampler()
         t = time.perf_counter()
-        # processed_logprobs: the log-probs of the distribution actually sampled from
-        # (after temperature), which is what the learner's ratio must use.
-        self.llm = build_engine(cfg, model_path, logprobs_mode="processed_logprobs")
-        self._params = SamplingParams(
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_tokens=cfg.rollout.max_new_tokens, logprobs=0,
-        )
-        self._dir = adapter_root() / f"{name}-{os.getpid()}"
+        # processed_logprobs: the log-probs of the distribution actually sampled from (after
+        # temperature, top-k and top-p), which is what the learner's ratio must use.
+        self.llm = build_engine(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed,
+                                logprobs_mode="processed_logprobs")
+        self._dir: Optional[os.PathLike] = None
+        self.storage_note = ""
         self.version: Optional[int] = None
         self._lora = None
+        from vllm import SamplingParams
+
         # The first generate in a fresh engine is slow (warm-up); pay it here, not in a step.
         self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2), use_tqdm=False)
         self.startup_s = time.perf_counter() - t
+
+    def _params(self, n: int, seed: Optional[int]):
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        # A per-request seed makes a prompt's samples independent of which engine serves it (and
+        # routes vLLM's GPU sampler to its native path, which returns processed log-probs).
+        return SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=r.max_new_tokens, logprobs=0, seed=seed)
 
     def load_adapter(self, adapter: AdapterVersion) -> dict:
         """Serve ``adapter`` from now on; returns timing of the swap."""
@@ -48,6 +59,12 @@ class RolloutGenerator:
         if adapter.peft_config.get("r", 0) > self.cfg.rollout.max_lora_rank:
             raise ValueError(f"{self.name}: adapter rank {adapter.peft_config.get('r')} exceeds the "
                              f"engine's max_lora_rank={self.cfg.rollout.max_lora_rank}")
+        if self._dir is None:
+            # Room for two versions: the new one is written before the old one goes.
+            root, self.storage_note = adapter_root(2 * adapter.num_bytes + 2**20)
+            if self.storage_note:
+                print(f"{self.name}: {self.storage_note}", file=sys.stderr)
+            self._dir = root / f"{self.name}-{os.getpid()}"
         path = write_adapter(adapter, self._dir / f"v{adapter.version}")
         # lora_int_id must be > 0 and new for every version.
         request = LoRARequest(f"{self.name}-v{adapter.version}", adapter.version + 1, str(path))
@@ -59,23 +76,33 @@ class RolloutGenerator:
             remove_adapter_dir(self._dir / f"v{old_version}")
         return {"version": adapter.version, "swap_s": time.perf_counter() - t}
 
-    def generate(self, prompt_ids: list[list[int]], adapter: bool = True) -> Samples:
-        """Sample one response per prompt with the current adapter (``adapter=False``: the base
-        model alone, which benchmarks compare against)."""
+    def generate(self, prompt_ids: list[list[int]], seeds: Optional[list[int]] = None, n: int = 1,
+                 adapter: bool = True) -> Samples:
+        """``n`` samples per prompt with the current adapter, a prompt's samples adjacent
+        (``adapter=False``: the base model alone, which benchmarks compare against).
+        ``seeds``: one per prompt, so a prompt's samples do not depend on the engine."""
         if adapter and self._lora is None:
             raise RuntimeError(f"{self.name}: no adapter loaded; publish version 0 first")
         t = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params,
-                                 lora_request=self._lora if adapter else None, use_tqdm=False)
+        if seeds is None:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params(n, None),
+                                     lora_request=self._lora if adapter else None, use_tqdm=False)
+        else:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
+                                     [self._params(n, s) for s in seeds],
+                                     lora_request=self._lora if adapter else None, use_tqdm=False)
         samples = Samples()
-        for p, o in zip(prompt_ids, outs):
-            c = o.outputs[0]
-            samples.prompt_ids.append(list(p))
-            samples.response_ids.append(list(c.token_ids))
-            samples.logprobs.append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-            samples.versions.append(self.version if adapter else -1)
-            samples.prompts.append(o.prompt or "")
-            samples.responses.append(c.text)
+        for i, (p, o) in enumerate(zip(prompt_ids, outs)):
+            for c in o.outputs:
+                samples.prompt_ids.append(list(p))
+                samples.response_ids.append(list(c.token_ids))
+                samples.logprobs.append([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)])
+                samples.versions.append(self.version if adapter else -1)
+                # "stop": EOS or a stop string; "length": cut at max_new_tokens.
+                samples.finished.append(c.finish_reason == "stop")
+                samples.prompt_index.append(i)
+                samples.prompts.append(o.prompt or "")
+                samples.responses.append(c.text)
         samples.compute_s = time.perf_counter() - t
         return samples
 
@@ -83,5 +110,6 @@ class RolloutGenerator:
         return {"role": self.role, "name": self.name, **self.memory.stats()}
 
     def shutdown(self) -> None:
-        remove_adapter_dir(self._dir)
+        if self._dir is not None:
+            remove_adapter_dir(self._dir)
         self.memory.close()

@@ -1,5 +1,6 @@
 """Pure RL maths: tensors in, tensors out. Importing this must not import Ray, vLLM or PEFT."""
 from .advantages import gae
+from .estimators import ESTIMATORS, estimate_advantages
 from .kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -15,10 +16,12 @@ from .losses import (
     ppo_loss,
     value_loss,
 )
-from .masked import masked_mean, masked_var, whiten
+from .masked import masked_mean, masked_sum, masked_var, whiten
+from .truncation import TRUNCATION_MODES, apply_truncation
+from .sampling import sampled_token_logprobs, truncation_mask
 
 __all__ = [
-    "gae", "whiten", "masked_mean", "masked_var",
+    "gae", "apply_truncation", "TRUNCATION_MODES", "ESTIMATORS", "estimate_advantages", "whiten", "masked_mean", "masked_sum", "masked_var", "sampled_token_logprobs", "truncation_mask",
     "policy_loss", "value_loss", "entropy_from_logits", "ppo_loss", "logprobs_from_logits",
     "pairwise_reward_loss",
     "kl_penalty", "kl_shaped_rewards", "KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController",

@@ -29,8 +29,9 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, masked mean over tokens.
+    """PPO clipped surrogate, masked mean over tokens (``normalizer``: see ``masked_mean``).
 
     ``r = exp(logprobs - old_logprobs)``;
     ``L = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))``.
@@ -47,11 +48,11 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "clip_frac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask, normalizer),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask, normalizer),
         }
     return loss, stats
 
@@ -62,6 +63,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """Clipped value loss: ``0.5 * mean(max((V - R)^2, (V_clip - R)^2))`` with
     ``V_clip = V_old + clip(V - V_old, -eps, eps)``.
@@ -72,7 +74,7 @@ def value_loss(
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (v_clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    return 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask, normalizer)
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -93,32 +95,39 @@ def ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    logits: torch.Tensor,
+    values: Optional[torch.Tensor],
+    old_values: Optional[torch.Tensor],
+    returns: Optional[torch.Tensor],
     mask: torch.Tensor,
     *,
+    entropy: Optional[torch.Tensor] = None,
     clip_eps: float,
     value_clip_eps: float,
     vf_coef: float,
     entropy_coef: float,
+    normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L = policy_loss + vf_coef * value_loss - entropy_coef * entropy``.
 
     Args:
         logprobs, old_logprobs, advantages, values, old_values, returns, mask:
-            Shape (batch, time).
-        logits: Shape (batch, time, vocab), the policy's logits at the same positions.
+            Shape (batch, time). ``values`` None: no critic, no value loss.
+        entropy: Shape (batch, time), the policy's per-token entropy (with a graph only
+            when ``entropy_coef`` > 0); None = not computed.
+        normalizer: token count every mean divides by (see ``masked_mean``).
 
     Returns:
         (loss, parts) with parts ``policy_loss``, ``value_loss``, ``entropy``,
         ``clip_frac``, ``approx_kl`` (all detached).
     """
-    pg, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
-    vl = value_loss(values, old_values, returns, mask, value_clip_eps)
-    ent = entropy_from_logits(logits, mask)
-    loss = pg + vf_coef * vl - entropy_coef * ent
+    pg, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer)
+    zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
+    vl = (value_loss(values, old_values, returns, mask, value_clip_eps, normalizer)
+          if values is not None else zero)
+    ent = masked_mean(entropy, mask, normalizer) if entropy is not None else zero
+    loss = pg + vf_coef * vl
+    if entropy_coef:
+        loss = loss - entropy_coef * ent
     parts = {"policy_loss": pg.detach(), "value_loss": vl.detach(), "entropy": ent.detach(), **stats}
     return loss, parts
 

@@ -6,6 +6,8 @@ NaN sitting under padding cannot leak into a result.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -13,13 +15,17 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, normalizer: Optional[float] = None) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1.
 
     An all-zero mask gives 0 (not NaN): a minibatch with no response tokens contributes
-    no loss and no gradient.
+    no loss and no gradient. ``normalizer`` replaces the local token count: a data-parallel
+    learner divides by the token count of the whole minibatch over all ranks, so every
+    token weighs the same however the rows were split (a per-rank mean that DDP then
+    averages would weigh a short shard's tokens more).
     """
-    return masked_sum(x, mask) / mask.sum().clamp(min=1.0)
+    denom = mask.sum().clamp(min=1.0) if normalizer is None else max(float(normalizer), 1.0)
+    return masked_sum(x, mask) / denom
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

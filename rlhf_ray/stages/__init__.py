@@ -36,7 +36,10 @@ def policy_base(cfg: Config) -> str:
 
 
 def reward_path(cfg: Config) -> str:
-    """The reward model PPO scores with: ``reward.path``, else the one ``train-rm`` wrote."""
+    """The reward model PPO scores with: ``reward.path``, else the one ``train-rm`` wrote
+    (``rule:<name>`` with ``reward.rule``)."""
+    if cfg.reward.rule is not None:
+        return f"rule:{cfg.reward.rule}"
     if cfg.reward.path is not None:
         return str(Path(cfg.reward.path).expanduser().resolve())
     d = rm_dir(cfg)

@@ -21,7 +21,9 @@ NORMALIZER = "rlhf_ray_reward.json"
 
 
 def reward_text(prompt: str, response: str) -> str:
-    """What the reward model reads; the PPO reward role scores exactly this."""
+    """What the reward model reads; the PPO reward role scores exactly this. Never an EOS token:
+    training pairs have none, and vLLM's decoded response text leaves it out, so a finished
+    and a truncated response look alike here (``ppo.truncated`` decides what a cut one earns)."""
     return prompt + response
 
 

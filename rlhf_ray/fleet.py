@@ -1,0 +1,105 @@
+"""The rollout fleet: vLLM generator actors, spawned, attached (serving the latest adapter
+before they take any prompt), dealt prompts, given new adapter versions, scaled and closed.
+Its size is independent of the learner's."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .batch import Samples
+from .config import Config
+from .launch import call, spawn
+
+
+def request_seed(seed: int, step: int, prompt: int) -> int:
+    """A request's sampling seed from (run seed, step, prompt index): the same prompt of the
+    same step gets the same samples whichever engine serves it (a resumed or re-dealt step
+    reproduces them)."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + prompt) % (2**31 - 1)
+
+
+class RolloutFleet:
+    def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float):
+        self.cfg, self.model_path, self.max_model_len, self.timeout = cfg, model_path, max_model_len, timeout_s
+        self.members: list[tuple[str, Any]] = []
+        self._spawned = 0
+        self.latest_adapter = None
+
+    def start(self, adapter_ref) -> None:
+        """Spawn ``rollout.num_actors`` engines (they load in parallel), then attach each."""
+        self.latest_adapter = adapter_ref
+        for gen in [self._spawn() for _ in range(self.cfg.rollout.num_actors)]:
+            self._attach(gen)
+
+    def _spawn(self) -> tuple[str, Any]:
+        from .actors.rollout import RolloutGenerator
+
+        i = self._spawned
+        self._spawned += 1
+        name = f"rollout-{i}"
+        r = self.cfg.rollout
+        return name, spawn(RolloutGenerator, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
+                           num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len)
+
+    def _attach(self, gen: tuple[str, Any]) -> None:
+        """A generator joins the fleet only once it serves the latest adapter."""
+        name, handle = gen
+        call(name, handle.load_adapter.remote(self.latest_adapter), self.timeout)
+        self.members.append(gen)
+
+    def add(self) -> str:
+        gen = self._spawn()
+        self._attach(gen)
+        return gen[0]
+
+    def remove(self) -> str:
+        """Stop the newest generator: its RAM-disk directory goes with it."""
+        if len(self.members) <= 1:
+            raise ValueError("cannot remove the last rollout actor")
+        gen = self.members.pop()
+        _stop(gen)
+        return gen[0]
+
+    def publish(self, adapter_ref) -> list[dict]:
+        """Every generator serves ``adapter_ref`` before this returns."""
+        self.latest_adapter = adapter_ref
+        return call("rollout", [h.load_adapter.remote(adapter_ref) for _, h in self.members], self.timeout)
+
+    def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
+                 seeds: Optional[list[int]] = None) -> Samples:
+        """``n`` samples per prompt, prompts dealt round-robin (a prompt's samples stay on one
+        engine), returned in prompt order with ``prompt_index`` into ``prompt_ids``."""
+        k = len(self.members)
+        chunks = [list(range(len(prompt_ids)))[i::k] for i in range(k)]
+        refs = [(name, h.generate.remote([prompt_ids[j] for j in c],
+                                         [seeds[j] for j in c] if seeds is not None else None, n), c)
+                for (name, h), c in zip(self.members, chunks) if c]
+        parts = []
+        for name, ref, c in refs:
+            part = call(name, ref, self.timeout)
+            part.prompt_index = [c[i] for i in part.prompt_index]
+            part.prompts = [prompt_texts[j] for j in part.prompt_index]
+            parts.append(part)
+        samples = Samples()
+        for part in parts:
+            samples.extend(part)
+        order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])  # stable: groups stay in order
+        return samples.reordered(order)
+
+    def memory(self) -> dict[str, dict]:
+        refs = [(name, h.memory_stats.remote()) for name, h in self.members]
+        return {name: call(name, ref, self.timeout) for name, ref in refs}
+
+    def close(self) -> None:
+        while self.members:
+            _stop(self.members.pop())
+
+
+def _stop(gen: tuple[str, Any]) -> None:
+    import ray
+
+    _, handle = gen
+    try:
+        ray.get(handle.shutdown.remote(), timeout=30)
+    except Exception:  # a dead actor has nothing left to clean
+        pass
+    ray.kill(handle)
