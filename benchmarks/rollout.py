@@ -52,10 +52,10 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     direct.load_adapter(adapter)
 
     def actor_gen(use_adapter: bool):
-        return call("rollout", actor.generate.remote(prompts, use_adapter), cfg.cluster.call_timeout_s)
+        return call("rollout", actor.generate.remote(prompts, adapter=use_adapter), cfg.cluster.call_timeout_s)
 
     def direct_gen(use_adapter: bool):
-        return direct.generate(prompts, use_adapter)
+        return direct.generate(prompts, adapter=use_adapter)
 
     runs: dict[str, list[float]] = {}
     for rep in range(args.repeats + 1):  # the first round warms both up and is not counted

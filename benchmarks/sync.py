@@ -49,7 +49,7 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     from rlhf_ray.batch import pad_samples
     from rlhf_ray.launch import call, connect, spawn
     from rlhf_ray.models import load_tokenizer, resolve_model_path
-    from rlhf_ray.models.policy import sequence_logprobs
+    from rlhf_ray.models.policy import Sampling, sequence_logprobs
 
     model_path = resolve_model_path(cfg.model)
     # Short samples: the soak is about versions, not throughput.
@@ -100,7 +100,8 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
         batch = pad_samples(samples, tok.pad_token_id)
         mask = batch.action_mask
         gap = lambda lp: masked_mean((lp - batch.behaviour_logprobs).abs(), mask).item()
-        fresh = gap(sequence_logprobs(model, batch.input_ids, batch.attention_mask, cfg.rollout.temperature))
+        sampling = Sampling.from_config(cfg.rollout)
+        fresh = gap(sequence_logprobs(model, batch.input_ids, batch.attention_mask, mask, sampling))
         worst_fresh = max(worst_fresh, fresh)
         stale += int(fresh > FRESH_TOL) * len(samples)
         checked += len(samples)
@@ -108,8 +109,8 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(model, prev_state)
-            closest_prev = min(closest_prev, gap(sequence_logprobs(model, batch.input_ids, batch.attention_mask,
-                                                                   cfg.rollout.temperature)))
+            closest_prev = min(closest_prev, gap(sequence_logprobs(model, batch.input_ids, batch.attention_mask, mask,
+                                                                   sampling)))
             set_peft_model_state_dict(model, adapter.tensors)
         prev_state = adapter.tensors  # extract_adapter already made these copies
         if not all(v == version for v in samples.versions):

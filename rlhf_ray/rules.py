@@ -16,6 +16,16 @@ def letter_rate(letter: str) -> Callable[[str, str], float]:
     return score
 
 
+def sentiment(prompt: str, response: str) -> float:
+    """Positive minus negative judgement words of the generated review task (graded, unlike
+    its 0/1 judge): a reward whose right direction is known."""
+    from .data.task import judge
+
+    v = judge(response)
+    return float(v.positive_words - v.negative_words)
+
+
 RULES: dict[str, Callable[[str, str], float]] = {
     "letter_e": letter_rate("e"),
+    "sentiment": sentiment,
 }

@@ -43,7 +43,8 @@ def untrained_rm(tiny_model_dir, tmp_path_factory):
 def vllm_engine(tiny_cfg, tiny_model_dir):
     from rlhf_ray.actors.engine import build_engine
 
-    llm = build_engine(tiny_cfg, tiny_model_dir)
+    # The rollout actors' log-prob mode: of the distribution sampled from (temperature, top-k/p).
+    llm = build_engine(tiny_cfg, tiny_model_dir, logprobs_mode="processed_logprobs")
     yield llm
     del llm
 
@@ -59,3 +60,15 @@ def make_cfg(tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory):
             f"reward.path={untrained_rm}", "ppo.batch_size=8", "learner.minibatch_size=4",
             "eval.num_prompts=4", *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tiny_cfg, tmp_path_factory):
+    """The tiny model fine-tuned on the generated review task (a few seconds): a policy that
+    writes task text, so a reward on that text has something to move."""
+    from rlhf_ray.stages.sft import run_sft
+
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
+        f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={tmp_path_factory.mktemp('sft')}",
+        "sft.num_examples=800", "sft.epochs=3"])
+    return run_sft(cfg, progress=False)["output"]

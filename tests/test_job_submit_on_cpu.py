@@ -1,18 +1,22 @@
 """`ray job submit` against a head started with `ray start --head` on loopback, as a user
 submits to a cluster: submit, wait for SUCCEEDED, read the job's artifacts, stop the head."""
 import json
-import re
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-GCS_PORT, DASH_PORT = 6391, 8266
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +30,69 @@ def _env():
     return env
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _processes_of(temp_dir: str) -> list[psutil.Process]:
+    """The head's processes (their command lines name its own temp dir) and their children."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
+                found += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    return found
+
+
 @pytest.fixture
-def ray_head(tmp_path):
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASH_PORT}", "--num-cpus=4",
-                    "--disable-usage-stats"], check=True, env=_env(), capture_output=True, timeout=180)
+def ray_head():
+    """A head of this test's own: free ports for every service, its own temp dir, run with
+    `ray start --block` so that ending that one process ends this head alone. Never
+    `ray stop`, which stops every Ray process of the user on the machine."""
+    gcs, dash, client, node, objects, env_agent, agent_grpc, agent_http, metrics = _free_ports(9)
+    temp = tempfile.mkdtemp(prefix="rr-head-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+           f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--runtime-env-agent-port={env_agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
+           f"--metrics-export-port={metrics}", f"--temp-dir={temp}", "--num-cpus=4", "--disable-usage-stats"]
+    log = open(Path(temp) / "ray_start.log", "w")
+    head = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{DASH_PORT}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the test's Ray head did not come up:\n"
+                                       + (Path(temp) / "ray_start.log").read_text()[-3000:])
+                time.sleep(1)
+        yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        leftovers = _processes_of(temp)
+        head.terminate()  # the head's node handler drains and ends the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for p in leftovers + _processes_of(temp):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_dir):

@@ -95,3 +95,47 @@ def test_vllm_serves_base_and_lora_matching_hf(tiny_cfg, tiny_model_dir, vllm_en
     mean_diff = sum(diffs) / len(diffs)
     print(f"vLLM vs HF+PEFT sampled-token log-prob mean |diff| = {mean_diff:.2e} over {len(diffs)} tokens")
     assert mean_diff < 1e-4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 0.9), (0.1, 0, 0.9), (0.8, 20, 0.95)])
+def test_learner_models_the_distribution_vllm_sampled_from(tiny_cfg, tiny_model_dir, vllm_engine, tmp_path,
+                                                           temperature, top_k, top_p):
+    """vLLM's processed log-probs (after temperature, top-k, top-p) equal the learner's for the
+    same tokens; the paper's setting is temperature 0.1 with top_p 0.9."""
+    import dataclasses
+
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from rlhf_ray.batch import Samples, pad_samples
+    from rlhf_ray.models.policy import PolicyWithValue, Sampling
+
+    torch.manual_seed(1)
+    peft_model = add_lora(load_causal_lm(tiny_model_dir), tiny_cfg.lora, init_lora_weights=False)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    rollout = dataclasses.replace(tiny_cfg.rollout, temperature=temperature, top_k=top_k, top_p=top_p)
+    policy = PolicyWithValue(peft_model, Sampling.from_config(rollout), critic=False).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = [tok(p.split(".")[0])["input_ids"] for p in corpus(8, seed=11)]
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=16, logprobs=0, seed=5)
+    outs = vllm_engine.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                lora_request=LoRARequest(f"t{temperature}-{top_k}-{top_p}", 7, str(tmp_path / "adapter")),
+                                use_tqdm=False)
+    s = Samples()
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        s.prompt_ids.append(p)
+        s.response_ids.append(list(c.token_ids))
+        s.logprobs.append(_served_logprobs(c))
+    b = pad_samples(s, tok.pad_token_id)
+    with torch.no_grad():
+        lp, _, _ = policy(b.input_ids, b.attention_mask, b.action_mask)
+    gap = ((lp - b.behaviour_logprobs).abs() * b.action_mask).sum() / b.action_mask.sum()
+    # Not a vacuous match: the plain softmax (no temperature, no truncation) is far from it.
+    plain = PolicyWithValue(peft_model, Sampling(), critic=False).eval()
+    with torch.no_grad():
+        lp_plain, _, _ = plain(b.input_ids, b.attention_mask, b.action_mask)
+    plain_gap = ((lp_plain - b.behaviour_logprobs).abs() * b.action_mask).sum() / b.action_mask.sum()
+    print(f"T={temperature} k={top_k} p={top_p}: learner vs vLLM {gap:.2e}, untempered/untruncated {plain_gap:.2e}")
+    assert gap < 1e-4 and plain_gap > 100 * max(float(gap), 1e-6)

@@ -22,7 +22,9 @@ class RolloutGenerator:
     role = "rollout"
 
     def __init__(self, cfg: Config, model_path: str, name: str = "rollout-0", *, seed: Optional[int] = None,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, engine=None):
+        """``engine``: an already built ``vllm.LLM`` (made with ``logprobs_mode="processed_logprobs"``)
+        to serve from instead of starting one; tests share one engine this way."""
         self.cfg = cfg
         self.name = name
         on_gpu = role_device(name, cfg.rollout.num_gpus, "rollout.num_gpus").type == "cuda"
@@ -30,8 +32,8 @@ class RolloutGenerator:
         t = time.perf_counter()
         # processed_logprobs: the log-probs of the distribution actually sampled from (after
         # temperature, top-k and top-p), which is what the learner's ratio must use.
-        self.llm = build_engine(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed,
-                                logprobs_mode="processed_logprobs")
+        self.llm = engine or build_engine(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed,
+                                          logprobs_mode="processed_logprobs")
         self._dir: Optional[os.PathLike] = None
         self.storage_note = ""
         self.version: Optional[int] = None
