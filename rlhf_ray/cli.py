@@ -117,7 +117,7 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
-    "compare-trl": ("compare_trl", "run"),
+    "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
 }
 
 
@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=5, help="step/memory/scaling: measured PPO steps")
             p.add_argument("--max-actors", type=int, default=2, help="scaling: largest rollout fleet")
             p.add_argument("--trl-steps", type=int, default=10, help="compare-trl: training steps of each")
+            p.add_argument("--rows", type=int, default=8, help="learner-memory: batch rows")
+            p.add_argument("--seq-len", type=int, default=1024, help="learner-memory: tokens per row")
+            p.add_argument("--mid-size", action=argparse.BooleanOptionalAction, default=True,
+                           help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one)")
+            p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")

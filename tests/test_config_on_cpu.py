@@ -47,6 +47,17 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("reference.mode=copy", "reference.mode"),
     ("lora.rank=64", "lora.rank"),  # above rollout.max_lora_rank
     ("ppo.clip_eps=nan", "ppo.clip_eps"),
+    ("rollout.repetition_penalty=1.1", "rollout.repetition_penalty"),  # the learner cannot model it
+    ("rollout.top_k=-1", "rollout.top_k"),
+    ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt"),
+    ("rollout.kv_cache_mib=0", "rollout.kv_cache_mib"),
+    ("ppo.truncated=drop", "ppo.truncated"),
+    ("ppo.estimator=magic", "ppo.estimator"),
+    ("learner.micro_batch_size=0", "learner.micro_batch_size"),
+    ("learner.minibatch_size=3", "learner.minibatch_size"),  # not divisible by 2 workers
+    ("learner.minibatch_size=12", "ppo.batch_size"),  # 32 rows are not whole minibatches of 12
+    ("output.save_every=-1", "output.save_every"),
+    ("reward.rule=nosuch", "reward.rule"),
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def ray_head():
         while True:
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:  # 401 with token auth on: the dashboard is up
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
