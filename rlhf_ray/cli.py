@@ -142,7 +142,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 
 def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
     cols = ["generate", "reward", "reference", "train", "publish", "idle", "total"]
-    print(f"{'step':>4} {'ver':>3} {'stale':>5} {'reward':>8} {'kl/seq':>7} {'lp_gap':>8} {'tok/s':>7} "
+    print(f"{'step':>4} {'ver':>3} {'stale':>5} {'reward':>8} {'kl/seq':>7} {'lp_gap':>8} {'cut':>4} {'tok/s':>7} "
           + " ".join(f"{c:>9}" for c in cols))
     every = max(1, -(-len(records) // max_rows))
     for r in records:
@@ -151,6 +151,7 @@ def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
         t = r["time_s"]
         print(f"{r['step']:>4} {r['generated_with_version'][0]:>3} {r['stale_samples']:>5} "
               f"{r['reward_mean']:>8.3f} {r['kl_per_seq']:>7.3f} {r['logprob_gap']:>8.1e} "
+              f"{100 * r.get('truncation_rate', 0.0):>3.0f}% "
               f"{r['tokens_per_s']:>7.0f} " + " ".join(f"{t.get(c, 0.0):>8.3f}s" for c in cols))
 
 

@@ -259,7 +259,7 @@ class LearnerConfig:
     lr: float = 1e-3
     epochs: int = 2  # PPO epochs over each rollout batch
     minibatch_size: int = 16  # rows per optimizer step, over all workers together
-    micro_batch_size: int = 8  # rows per forward/backward on one worker; gradients accumulate
+    micro_batch_size: int = 2  # rows per forward/backward on one worker; gradients accumulate
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
     max_grad_norm: float = 1.0

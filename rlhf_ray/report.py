@@ -107,7 +107,8 @@ def _eval_rows(ev: dict) -> list[list[Any]]:
             rows.append([e["label"], e["adapter_version"], e["samples"],
                          f"{100 * e['judge_score']:.1f}%" if "judge_score" in e else "-",
                          f"{100 * e['in_vocabulary_rate']:.1f}%" if "in_vocabulary_rate" in e else "-",
-                         f"{e['reward_mean']:.3f}", f"{e['kl_per_seq']:.3f}", f"{e['response_len_mean']:.1f}"])
+                         f"{e['reward_mean']:.3f}", f"{e['kl_per_seq']:.3f}", f"{e['response_len_mean']:.1f}",
+                         f"{100 * e.get('truncation_rate', float('nan')):.1f}%"])
     return rows
 
 
@@ -142,14 +143,16 @@ def render(run_dir: Path, name: str) -> str:
                            f"{ppo['learner_workers']} Ray Train workers; start-up {ppo['startup_s']:.1f} s, "
                            f"{ppo['samples_per_s'] or 0:.1f} samples/s after step 0; reward "
                            f"{ppo['reward_first']:.2f} -> {ppo['reward_last']:.2f}; stale samples "
-                           f"{ppo['stale_samples']}; max log-prob gap vLLM vs learner {ppo['logprob_gap_max']:.1e}"])
+                           f"{ppo['stale_samples']}; max log-prob gap vLLM vs learner {ppo['logprob_gap_max']:.1e}; "
+                           f"responses cut at the limit {100 * (ppo.get('truncation_rate_mean') or 0):.1f}% "
+                           f"(ppo.truncated={ppo.get('truncated', '?')}); adapter {ppo.get('adapter')}"])
     out += [_table(["stage", "time (s)", "figures"], stage_rows), ""]
     if ppo and ppo.get("eval"):
         out += ["## Held-out evaluation", "",
                 "The judge is rule-based (the task's target property), independent of the reward model. "
                 "KL is the mean over samples of sum(log pi - log pi_ref) over the response.", "",
                 _table(["when", "adapter", "samples", "judge", "in-vocabulary", "RM reward", "KL/seq",
-                        "tokens/response"], _eval_rows(ppo["eval"])), ""]
+                        "tokens/response", "cut at limit"], _eval_rows(ppo["eval"])), ""]
         for key in ("before", "after"):
             e = ppo["eval"].get(key)
             if e:
@@ -161,10 +164,12 @@ def render(run_dir: Path, name: str) -> str:
         out += ["## PPO per step", "", "![reward](plots/reward.png) ![kl](plots/kl.png) "
                 "![entropy](plots/entropy.png) ![clip_frac](plots/clip_frac.png) "
                 "![samples/s](plots/samples_per_s.png)", "",
-                _table(["step", "reward", "KL/seq", "kl_coef", "entropy", "clip frac", "samples/s", "step s"],
+                _table(["step", "reward", "KL/seq", "kl_coef", "entropy", "clip frac", "cut at limit", "samples/s",
+                        "step s"],
                        [[r["step"], f"{r['reward_mean']:.3f}", f"{r['kl_per_seq']:.3f}", f"{r['kl_coef']:.4f}",
                          f"{r['learner'].get('entropy', float('nan')):.3f}",
-                         f"{r['learner'].get('clip_frac', float('nan')):.3f}", f"{r['samples_per_s']:.1f}",
+                         f"{r['learner'].get('clip_frac', float('nan')):.3f}",
+                         f"{100 * r.get('truncation_rate', float('nan')):.0f}%", f"{r['samples_per_s']:.1f}",
                          f"{r['time_s']['total']:.2f}"] for r in records]), ""]
     return "\n".join(out)
 

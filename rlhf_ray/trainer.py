@@ -289,6 +289,7 @@ class PPOTrainer:
             "kl_target": self.cfg.ppo.kl_target, "kl_coef_last": self.kl_ctl.value,
             "stale_samples": sum(r["stale_samples"] for r in records),
             "logprob_gap_max": max((r["logprob_gap"] for r in records), default=None),
+            "truncated": self.cfg.ppo.truncated,
             "truncation_rate_mean": (sum(r["truncation_rate"] for r in records) / len(records)) if records else None,
             "adapter": str(self.adapter_dir) if self.adapter_dir else None,
             "eval": self.evals,

@@ -15,6 +15,7 @@ TINY_ARGS = {
     "memory": ["--steps", "2"],
     "scaling": ["--steps", "1", "--max-actors", "2"],
     "compare-trl": ["--trl-steps", "1", "eval.num_prompts=4"],
+    "learner-memory": ["--no-mid-size", "--rows", "4", "--seq-len", "64"],
 }
 
 
@@ -45,6 +46,10 @@ def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
         assert {"rollout-0", "rollout-1", "reward", "learner-0", "learner-1"} <= set(res["per_actor"])
     elif name == "scaling":
         assert set(res["by_rollout_actors"]) == {"1", "2"}
+    elif name == "learner-memory":
+        assert len(res["by_variant"]) == 3 and res["parameters"] > 0
+        for phases in res["by_variant"].values():
+            assert phases["update"]["peak_bytes"] >= phases["update"]["resident_bytes"] > 0
     elif name == "compare-trl":
         assert res["trl"]["samples"] == res["rlhf_ray"]["samples"] == 8
         assert doc["versions"]["trl"] and 0.0 <= res["judge"]["trl"] <= 1.0

@@ -50,3 +50,23 @@ def test_train_before_sft_and_rm_says_what_to_run(tmp_path, tiny_model_dir, untr
 def test_lora_rank_above_engine_max():
     r = rlhf_ray("train", "--config", TINY, "lora.rank=32", "rollout.max_lora_rank=16")
     assert r.returncode == 2 and "lora.rank" in r.stderr and "max_lora_rank=16" in r.stderr
+
+
+def test_gpu_asked_for_on_a_cluster_without_one(ppo_args):
+    """Before any actor starts: the roles that want GPUs, against what the cluster has."""
+    r = rlhf_ray("train", *ppo_args, "learner.use_gpu=true", "rollout.num_gpus=1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "learner.use_gpu=true x 2 workers" in r.stderr and "rollout.num_gpus=1" in r.stderr
+    assert "the Ray cluster has 0" in r.stderr
+
+
+def test_role_without_cuda_names_itself():
+    """Ray can declare logical GPUs on a machine without CUDA; a role given one says so."""
+    from rlhf_ray.devices import role_device
+
+    assert str(role_device("reward", 0, "reward.num_gpus")) == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"reward: reward.num_gpus=1 but CUDA is not available"):
+            role_device("reward", 1, "reward.num_gpus")
