@@ -114,6 +114,33 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    """Per-actor memory and placement from the model's config.json alone (no weights, no GPU)."""
+    from pathlib import Path
+
+    from .models import resolve_model_path
+    from .plan import model_shape
+    from .plan.placement import GIB, make_plan, render
+
+    model = resolve_model_path(cfg.model)
+    targets = list(cfg.lora.target_modules)
+    shape = model_shape(model, cfg.lora.rank, targets)
+    rm = cfg.reward.path if cfg.reward.path and (Path(cfg.reward.path) / "config.json").is_file() else model
+    rm_shape = model_shape(rm, cfg.lora.rank, targets)
+    gpus = args.gpus if args.gpus is not None else max(1, int(cfg.learner.use_gpu) * cfg.learner.num_workers
+                                                          + int(cfg.rollout.num_gpus * cfg.rollout.num_actors + 0.999))
+    if gpus % args.nodes:
+        print(f"rlhf-ray plan: --gpus {gpus} is not divisible by --nodes {args.nodes}", file=sys.stderr)
+        return 2
+    memory = int(args.gpu_mem_gib * GIB)
+    plan = make_plan(cfg, shape, rm_shape, nodes=args.nodes, gpus_per_node=gpus // args.nodes, gpu_memory=memory,
+                     seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                     response_tokens=cfg.rollout.max_new_tokens)
+    print(f"plan for {gpus} GPUs of {args.gpu_mem_gib:g} GiB on {args.nodes} node(s), model {model}")
+    print(render(plan, shape, memory))
+    return 1 if plan.problems else 0
+
+
 BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
@@ -164,6 +191,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner; report"),
     "run": (_cmd_run, "the whole pipeline: tiny model, SFT, reward model, PPO, held-out judge, report"),
     "bench": (_cmd_bench, "a benchmark; writes benchmarks/results/<name>.json and prints its table"),
+    "plan": (_cmd_plan, "per-actor memory and GPU placement from the model's config.json (no weights, no GPU)"),
 }
 
 
@@ -190,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mid-size", action=argparse.BooleanOptionalAction, default=True,
                            help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
+        if name == "plan":
+            p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
+            p.add_argument("--gpu-mem-gib", type=float, default=24.0, help="memory of one GPU (RTX 3090: 24)")
+            p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over, evenly")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")

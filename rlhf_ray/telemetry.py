@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import psutil
 
@@ -104,3 +104,23 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def saved_for_backward_bytes(fn, exclude: Iterable = ()) -> tuple[Any, int]:
+    """(fn(), bytes autograd keeps for backward while ``fn`` builds its graph): every tensor
+    saved by an op, counted once per storage; tensors sharing storage with ``exclude`` (the
+    model's parameters, which exist anyway) are left out."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and t.device.type != "meta":
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

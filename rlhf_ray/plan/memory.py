@@ -1,0 +1,100 @@
+"""Bytes per actor, from the model's shape and the run's config. Pure arithmetic; the
+benchmark `plan-check` and the tests hold each term against what torch and vLLM allocate.
+
+Activation bytes follow what autograd saves for backward in a transformers Llama decoder
+layer whose base weights are frozen (a matmul by a frozen weight saves nothing, since the
+weight's gradient is never needed) with fp32 LoRA on the attention projections, in bytes
+per token and layer, ``b`` the base dtype's size:
+
+- the two RMSNorms: their fp32 input (4h each);
+- each LoRA-wrapped projection: its input cast to fp32 for the adapter (4 x in_features) and
+  the rank-r intermediate (4r);
+- attention (SDPA): q, k, v after rotary and the output (b x (2 q_dim + 2 kv_dim)), the
+  log-sum-exp per head (4 heads);
+- the SwiGLU MLP: gate input to SiLU, SiLU output and up projection (3 b x intermediate).
+
+Once per token for the whole model: the rotary cos/sin tables (2 b x head_dim), the final
+norm's fp32 input (4h) and the value head's fp32 input (4h, with a critic). With gradient
+checkpointing only each layer's input survives the forward (b x h per layer), and one layer's
+full set exists again while it is recomputed in backward (``recompute``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .shapes import ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _lora_inputs(shape: ModelShape, targets: list[str]) -> int:
+    """Sum of in_features over the LoRA-wrapped modules of one layer."""
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    width = {"q_proj": shape.hidden, "k_proj": shape.hidden, "v_proj": shape.hidden, "o_proj": q_dim,
+             "gate_proj": shape.hidden, "up_proj": shape.hidden, "down_proj": shape.intermediate}
+    del kv_dim
+    return sum(width.get(t, shape.hidden) for t in targets)
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, dtype: str, lora_rank: int, targets: list[str]) -> int:
+    """What one decoder layer keeps for backward, per token (see the module doc)."""
+    b = DTYPE_BYTES[dtype]
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * 4 * shape.hidden
+    lora = 4 * _lora_inputs(shape, targets) + 4 * lora_rank * len(targets)
+    attention = b * (2 * q_dim + 2 * kv_dim) + 4 * shape.heads
+    mlp = 3 * b * shape.intermediate
+    return norms + lora + attention + mlp
+
+
+@dataclass(frozen=True)
+class LearnerBytes:
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    value_head: int
+    activations: int  # saved for backward by the forward pass
+    recompute: int  # one layer's activations rebuilt in backward (gradient checkpointing)
+    logits: int
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.adapter + self.gradients + self.optimizer + self.value_head
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations + self.recompute + self.logits
+
+
+def learner_bytes(shape: ModelShape, *, dtype: str, lora_rank: int, targets: list[str], critic: bool,
+                  micro_batch: int, seq_len: int, response_tokens: int, chunk_tokens: int,
+                  checkpointing: bool, truncation: bool) -> LearnerBytes:
+    """One learner worker: frozen base in ``dtype``; adapter and value head in fp32 with a
+    gradient and AdamW's two moments each; activations of one micro-batch; the log-prob
+    working set of one chunk of response tokens."""
+    b = DTYPE_BYTES[dtype]
+    head = (shape.hidden + 1) if critic else 0
+    tokens = micro_batch * seq_len
+    per_layer = layer_activation_bytes_per_token(shape, dtype, lora_rank, targets)
+    acts = tokens * shape.layers * (b * shape.hidden if checkpointing else per_layer)
+    acts += tokens * (2 * b * shape.head_dim + 4 * shape.hidden + (4 * shape.hidden if critic else 0))
+    chunk = min(chunk_tokens, micro_batch * response_tokens)
+    # logits in the base dtype, their fp32 copy, log-softmax/exp temporaries (2 x fp32); top-p/top-k
+    # add the sorted values, their int64 order and the kept mask.
+    per_elem = b + 3 * 4 + ((4 + 8 + 1) if truncation else 0)
+    return LearnerBytes(weights=shape.total_params * b, adapter=4 * shape.lora_params,
+                        gradients=4 * shape.lora_params, optimizer=8 * shape.lora_params,
+                        value_head=16 * head, activations=acts, recompute=tokens * per_layer if checkpointing else 0,
+                        logits=chunk * shape.vocab * per_elem)
+
+
+def kv_cache_sequences(kv_cache_bytes: int, shape: ModelShape, dtype: str, max_model_len: int,
+                       block_size: int = 16) -> float:
+    """How many sequences of ``max_model_len`` tokens vLLM's KV cache holds: whole blocks of
+    ``block_size`` tokens, each block K and V of every layer, a sequence taking
+    ceil(max_model_len / block_size) blocks (vLLM's own "maximum concurrency")."""
+    block_bytes = block_size * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
+    blocks = kv_cache_bytes // block_bytes
+    per_seq = -(-max_model_len // block_size)
+    return blocks / per_seq
