@@ -59,30 +59,60 @@ def connect(cfg: Config) -> str:
     return "started a local head"
 
 
-def check_gpu_requests(cfg: Config) -> None:
-    """Before any actor starts: every role that asks for GPUs, against the GPUs the cluster
-    has. Ray would otherwise leave such an actor pending forever (the run then fails after
-    cluster.call_timeout_s with a message that names no cause)."""
+def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:
+    """What each role asks Ray for: {resource: [(who and how, amount), ...]}."""
+    r, lc = cfg.rollout, cfg.learner
+    asks: dict[str, list[tuple[str, float]]] = {"CPU": [], "GPU": []}
+
+    def add(resource: str, what: str, each: float, count: int = 1) -> None:
+        if each > 0:
+            asks[resource].append((what + (f" x {count}" if count > 1 else ""), each * count))
+
+    add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_actors)
+    add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_actors)
+    add("CPU", f"reward.num_cpus={cfg.reward.num_cpus:g}", cfg.reward.num_cpus)
+    add("GPU", f"reward.num_gpus={cfg.reward.num_gpus:g}", cfg.reward.num_gpus)
+    if cfg.reference.mode == "actor":
+        add("CPU", f"reference.num_cpus={cfg.reference.num_cpus:g}", cfg.reference.num_cpus)
+        add("GPU", f"reference.num_gpus={cfg.reference.num_gpus:g}", cfg.reference.num_gpus)
+    add("CPU", f"learner.num_cpus_per_worker={lc.num_cpus_per_worker:g}", lc.num_cpus_per_worker, lc.num_workers)
+    if lc.use_gpu:
+        add("GPU", "learner.use_gpu=true", 1.0, lc.num_workers)
+    return asks
+
+
+def preflight(cfg: Config) -> None:
+    """Before any actor starts: the CPUs and GPUs the roles ask for, against what the cluster
+    has. Ray would otherwise leave an actor pending until cluster.call_timeout_s runs out, with
+    a message that names no cause.
+
+    Raises:
+        ValueError: one line per short resource, naming every role's request and the cluster's total.
+    """
     import ray
 
-    asks, total = [], cfg.rollout.num_gpus * cfg.rollout.num_actors
-    if cfg.rollout.num_gpus > 0:
-        asks.append(f"rollout.num_gpus={cfg.rollout.num_gpus} x {cfg.rollout.num_actors} actors")
-    if cfg.reward.num_gpus > 0:
-        asks.append(f"reward.num_gpus={cfg.reward.num_gpus}")
-        total += cfg.reward.num_gpus
-    if cfg.reference.mode == "actor" and cfg.reference.num_gpus > 0:
-        asks.append(f"reference.num_gpus={cfg.reference.num_gpus}")
-        total += cfg.reference.num_gpus
-    if cfg.learner.use_gpu:
-        asks.append(f"learner.use_gpu=true x {cfg.learner.num_workers} workers")
-        total += cfg.learner.num_workers
-    if not asks:
-        return
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if total > have:
-        raise ValueError(f"the run asks for {total:g} GPUs ({', '.join(asks)}) but the Ray cluster has {have:g}; "
-                         "set those keys to 0/false to run on CPU, or join a cluster with GPUs")
+    have, free = ray.cluster_resources(), ray.available_resources()
+    problems, waits = [], []
+    for resource, asks in resource_requests(cfg).items():
+        need = sum(n for _, n in asks)
+        if need <= 0:
+            continue
+        detail = ", ".join(what for what, _ in asks)
+        if need > have.get(resource, 0.0) + 1e-9:
+            unit = "GPUs" if resource == "GPU" else "logical CPUs"
+            fix = ("set those keys to 0/false to run on CPU, or join a cluster with GPUs" if resource == "GPU" else
+                   "lower those keys, or give the head more logical CPUs (ray start --num-cpus N; they are "
+                   "bookkeeping, cluster.num_cpus for a local head)")
+            problems.append(f"the run asks for {need:g} {unit} ({detail}) but the Ray cluster has "
+                            f"{have.get(resource, 0.0):g}; {fix}")
+        elif need > free.get(resource, 0.0) + 1e-9:
+            waits.append(f"{need:g} {resource} asked, {free.get(resource, 0.0):g} free now (other jobs hold the rest)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if waits:
+        import sys
+
+        print("rlhf-ray: the roles will wait for resources: " + "; ".join(waits), file=sys.stderr)
 
 
 def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0, **kwargs: Any) -> Any:

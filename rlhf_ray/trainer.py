@@ -21,7 +21,7 @@ from .batch import pad_samples
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import RolloutFleet, request_seed
-from .launch import LearnerGroup, RoleFailed, call, check_gpu_requests, connect, spawn
+from .launch import LearnerGroup, RoleFailed, call, connect, preflight, spawn
 from .telemetry import MetricsWriter, StageTimer
 
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
@@ -55,7 +55,7 @@ class PPOTrainer:
         self.max_model_len = max(len(p) for p in self.prompt_ids + self.eval_ids) + cfg.rollout.max_new_tokens
 
         self.how_connected = connect(cfg)
-        check_gpu_requests(cfg)
+        preflight(cfg)
         from .actors.reference import ReferencePolicy
         from .actors.reward import RewardScorer
 

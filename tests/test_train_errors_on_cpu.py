@@ -56,8 +56,21 @@ def test_gpu_asked_for_on_a_cluster_without_one(ppo_args):
     """Before any actor starts: the roles that want GPUs, against what the cluster has."""
     r = rlhf_ray("train", *ppo_args, "learner.use_gpu=true", "rollout.num_gpus=1")
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "learner.use_gpu=true x 2 workers" in r.stderr and "rollout.num_gpus=1" in r.stderr
+    assert "the run asks for 4 GPUs (rollout.num_gpus=1 x 2, learner.use_gpu=true x 2)" in r.stderr
     assert "the Ray cluster has 0" in r.stderr
+
+
+def test_too_few_logical_cpus_fails_in_seconds(ppo_args):
+    """Tried as a new user would: a 1-CPU head and the default roles used to wait until
+    cluster.call_timeout_s and then fail naming no cause."""
+    import time
+
+    t = time.monotonic()
+    r = rlhf_ray("train", *ppo_args, "cluster.num_cpus=1")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert ("the run asks for 2.25 logical CPUs (rollout.num_cpus=0.5 x 2, reward.num_cpus=0.25, "
+            "learner.num_cpus_per_worker=0.5 x 2) but the Ray cluster has 1") in r.stderr
+    assert time.monotonic() - t < 120
 
 
 def test_role_without_cuda_names_itself():
