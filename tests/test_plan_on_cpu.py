@@ -120,3 +120,5 @@ def test_plan_cli_places_the_7b_config_and_names_what_does_not_fit():
     assert two.returncode == 0 and "node 1 gpu 3" in two.stdout
     small = rlhf_ray("plan", "--config", cfg, "--gpus", "8", "--gpu-mem-gib", "12")
     assert small.returncode == 1 and "learner-0 needs" in small.stdout and "gradient_checkpointing" in small.stdout
+    newer = rlhf_ray("plan", "--config", str(ROOT / "configs/llama31_8b_lora_8x3090.yaml"), "--gpus", "8")
+    assert newer.returncode == 0 and "8,030,261,248 parameters" in newer.stdout
