@@ -54,7 +54,9 @@ class MemorySampler:
         try:
             import torch
 
-            if torch.cuda.is_available():
+            # Only where this process already uses CUDA: querying would otherwise create a context
+            # (~0.3-0.5 GB) in a process, such as a vLLM actor's parent, that has none.
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
                 out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
                 free, total = torch.cuda.mem_get_info()
                 out["cuda_used_bytes"] = total - free

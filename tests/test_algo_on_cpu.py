@@ -409,3 +409,12 @@ def test_truncation_modes():
     assert s.tolist() == pytest.approx([0.5, -1.5, -0.3]) and keep.all()
     s, keep = apply_truncation(scores, finished, "mask")
     assert s.tolist() == pytest.approx([0.5, 0.0, -0.3]) and keep.tolist() == [True, False, True]
+
+
+def test_entropy_gradient_is_finite_under_truncation():
+    """Truncated tokens sit at -inf: the entropy's backward must not produce 0 * -inf = nan."""
+    z = torch.randn(4, 50, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    labels = z.detach().argmax(-1)
+    lp, ent = sampled_token_logprobs(z, labels, temperature=0.7, top_k=10, top_p=0.8, with_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(ent).all() and (ent > 0).all()

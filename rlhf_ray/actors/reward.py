@@ -27,8 +27,7 @@ class RewardScorer:
 
             self.rule = RULES[cfg.reward.rule]
             return
-        self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype)
-        self.model.to(self.device)
+        self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype, device=self.device)
         self.tokenizer.padding_side = "right"
         # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
         norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}

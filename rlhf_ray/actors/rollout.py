@@ -48,8 +48,7 @@ class RolloutGenerator:
         from vllm import SamplingParams
 
         r = self.cfg.rollout
-        # A per-request seed makes a prompt's samples independent of which engine serves it (and
-        # routes vLLM's GPU sampler to its native path, which returns processed log-probs).
+        # A per-request seed makes a prompt's samples independent of which engine serves it.
         return SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_tokens=r.max_new_tokens, logprobs=0, seed=seed)
 

@@ -79,6 +79,8 @@ def sampled_token_logprobs(
     entropy = None
     if with_entropy:
         probs = torch.softmax(z, dim=-1)
-        # 0 * -inf is nan: truncated tokens contribute nothing.
-        entropy = lse - torch.where(probs > 0, probs * z, torch.zeros_like(z)).sum(dim=-1)
+        # Truncated tokens (z = -inf, p = 0) contribute nothing; z is made finite there *before*
+        # the product, since the backward of p * z would compute 0 * -inf = nan.
+        finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+        entropy = lse - (probs * finite_z).sum(dim=-1)
     return logprobs, entropy
