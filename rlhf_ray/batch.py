@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -91,10 +91,22 @@ class TokenBatch:
             out[name] = None if v is None else (v[:, :seq] if v.shape[1] == self.input_ids.shape[1] else v[:, :seq - 1])
         return TokenBatch(**out)
 
+    def micro_batches(self, size: int, device) -> Iterator["TokenBatch"]:
+        """Consecutive slices of ``size`` rows, trimmed, on ``device``: what one forward sees."""
+        for i in range(0, len(self), size):
+            yield self.select(slice(i, i + size)).trimmed().to(device)
+
     def shard(self, rank: int, world: int) -> "TokenBatch":
         """Rank's contiguous equal share (the caller makes the batch divisible by ``world``)."""
         n = len(self) // world
         return self.select(slice(rank * n, (rank + 1) * n))
+
+
+def to_action_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """A trimmed micro-batch's per-action tensor back to the batch's width, as fp32 on the CPU
+    (what roles return to the driver)."""
+    x = x.detach().float().cpu()
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def pad_samples(samples: Samples, pad_id: int) -> TokenBatch:

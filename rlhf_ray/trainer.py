@@ -73,9 +73,8 @@ class PPOTrainer:
                 self._roles.append(("reference", self.reference))
             self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
             self.version = 0
-            self.latest_adapter = self.learner.initial_adapter_ref
             self.value_head: dict[str, torch.Tensor] = {}
-            self.fleet.start(self.latest_adapter)
+            self.fleet.start(self.learner.initial_adapter_ref)
             for role, handle in self._roles:
                 call(role, handle.memory_stats.remote(), self._timeout)
         except BaseException:
@@ -101,6 +100,11 @@ class PPOTrainer:
     @property
     def generators(self) -> list[tuple[str, Any]]:
         return self.fleet.members
+
+    @property
+    def latest_adapter(self):
+        """The object-store ref of the adapter every generator serves (the fleet's)."""
+        return self.fleet.latest_adapter
 
     def _tokenize(self, texts: list[str], source: str) -> list[list[int]]:
         from .data.prompts import tokenize_prompts
@@ -174,9 +178,8 @@ class PPOTrainer:
         with timer.stage("publish"):
             swaps = []
             if updated is not None:
-                self.latest_adapter = updated[0]["adapter"][0]
                 self.value_head = updated[0]["value_head"]
-                swaps = self.fleet.publish(self.latest_adapter)
+                swaps = self.fleet.publish(updated[0]["adapter"][0])
                 self.version += 1
         times = timer.finish()
         self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))

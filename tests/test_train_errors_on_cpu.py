@@ -77,9 +77,9 @@ def test_role_without_cuda_names_itself():
     """Ray can declare logical GPUs on a machine without CUDA; a role given one says so."""
     from rlhf_ray.devices import role_device
 
-    assert str(role_device("reward", 0, "reward.num_gpus")) == "cpu"
+    assert str(role_device("reward", 0, "reward.num_gpus=0")) == "cpu"
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"reward: reward.num_gpus=1 but CUDA is not available"):
-            role_device("reward", 1, "reward.num_gpus")
+            role_device("reward", 1, "reward.num_gpus=1")

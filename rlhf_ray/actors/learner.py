@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..algo import ESTIMATORS, masked_mean, ppo_loss
-from ..batch import TokenBatch
+from ..batch import TokenBatch, to_action_width
 from ..config import Config
 from ..sync import AdapterVersion, extract_adapter
 from ..telemetry import MemorySampler
@@ -33,7 +33,7 @@ class LearnerCore:
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, world: int = 1,
                  device: Optional[torch.device] = None):
         from ..models import add_lora, load_causal_lm
-        from ..models.policy import PolicyWithValue, Sampling, disable_dropout
+        from ..models.policy import PolicyWithValue, Sampling
 
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = device or torch.device("cpu")
@@ -52,7 +52,6 @@ class LearnerCore:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         for p in self.params:  # adapter and head train in fp32 whatever the base's dtype
             p.data = p.data.float()
-        disable_dropout(self.module)
         self.model: torch.nn.Module = self.module  # replaced by the DDP wrapper under Ray Train
         self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr)
         self._gen = torch.Generator().manual_seed(cfg.model.seed)
@@ -63,9 +62,6 @@ class LearnerCore:
         names = [n for n, p in self.module.named_parameters() if not p.requires_grad]
         return names + [n for n, _ in self.module.named_buffers()]
 
-    def _micro(self, batch: TokenBatch, rows: torch.Tensor) -> TokenBatch:
-        return batch.select(rows).trimmed().to(self.device)
-
     # -- requests -----------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch) -> dict[str, Optional[torch.Tensor]]:
@@ -73,18 +69,17 @@ class LearnerCore:
         log-probs with the adapter disabled when ``reference.mode=shared_base``. CPU tensors
         of shape (batch, seq - 1)."""
         self.module.eval()
-        n, width = len(batch), batch.action_mask.shape[1]
+        width = batch.action_mask.shape[1]
         out: dict[str, list] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
         shared = self.cfg.reference.mode == "shared_base"
-        for i in range(0, n, self.cfg.learner.micro_batch_size):
-            m = self._micro(batch, torch.arange(i, min(i + self.cfg.learner.micro_batch_size, n)))
+        for m in batch.micro_batches(self.cfg.learner.micro_batch_size, self.device):
             lp, values, _ = self.module(m.input_ids, m.attention_mask, m.action_mask)
-            out["old_logprobs"].append(_pad_to(lp, width))
+            out["old_logprobs"].append(to_action_width(lp, width))
             if values is not None:
-                out["old_values"].append(_pad_to(values, width))
+                out["old_values"].append(to_action_width(values, width))
             if shared:
                 ref = self.module.reference_logprobs(m.input_ids, m.attention_mask, m.action_mask)
-                out["ref_logprobs"].append(_pad_to(ref, width))
+                out["ref_logprobs"].append(to_action_width(ref, width))
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
     def update(self, batch: TokenBatch) -> dict[str, float]:
@@ -113,7 +108,7 @@ class LearnerCore:
                 micro = [mine[i:i + lc.micro_batch_size] for i in range(0, len(mine), lc.micro_batch_size)]
                 self.optimizer.zero_grad(set_to_none=True)
                 for j, mrows in enumerate(micro):
-                    m = self._micro(batch, mrows)
+                    m = batch.select(mrows).trimmed().to(self.device)
                     sync = j == len(micro) - 1 or self.model is self.module
                     with (contextlib.nullcontext() if sync else self.model.no_sync()):
                         logprobs, values, entropy = self.model(
@@ -161,20 +156,13 @@ class LearnerCore:
         return {"role": self.role, "name": f"learner-{self.rank}", **self.memory.stats()}
 
 
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Back to the batch's width (micro-batches are trimmed), on the CPU for the driver."""
-    x = x.detach().float().cpu()
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
 def learner_device(use_gpu: bool) -> torch.device:
     """Ray Train's device for this worker; a clear error where a GPU was asked for and CUDA is
     missing (Ray's logical GPUs can exist without one)."""
-    if not use_gpu:
+    from ..devices import role_device
+
+    if role_device("learner", float(use_gpu), "learner.use_gpu=true").type == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("learner: learner.use_gpu=true but CUDA is not available on this worker "
-                           "(torch.cuda.is_available() is False); set learner.use_gpu=false to train on CPU")
     import ray.train.torch
 
     return ray.train.torch.get_device()

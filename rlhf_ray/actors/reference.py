@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import TokenBatch
+from ..batch import TokenBatch, to_action_width
 from ..config import Config
 from ..devices import role_device
 from ..telemetry import MemorySampler
@@ -22,7 +22,7 @@ class ReferencePolicy:
 
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.device = role_device(self.role, cfg.reference.num_gpus, "reference.num_gpus")
+        self.device = role_device(self.role, cfg.reference.num_gpus, f"reference.num_gpus={cfg.reference.num_gpus:g}")
         self.memory = MemorySampler()
         self.model = load_causal_lm(model_path, cfg.model.dtype, device=self.device).eval()
         self.sampling = Sampling.from_config(cfg.rollout).untruncated()
@@ -32,14 +32,10 @@ class ReferencePolicy:
         of ``learner.micro_batch_size`` rows, the learner's own memory bound."""
         from ..models.policy import sequence_logprobs
 
-        width, mb = batch.action_mask.shape[1], self.cfg.learner.micro_batch_size
-        out = []
-        for i in range(0, len(batch), mb):
-            m = batch.select(slice(i, i + mb)).trimmed().to(self.device)
-            lp = sequence_logprobs(self.model, m.input_ids, m.attention_mask, m.action_mask, self.sampling,
-                                   self.cfg.learner.logprob_chunk_tokens)
-            out.append(torch.nn.functional.pad(lp.float().cpu(), (0, width - lp.shape[1])))
-        return torch.cat(out)
+        width = batch.action_mask.shape[1]
+        return torch.cat([to_action_width(sequence_logprobs(self.model, m.input_ids, m.attention_mask, m.action_mask,
+                                                            self.sampling, self.cfg.learner.logprob_chunk_tokens), width)
+                          for m in batch.micro_batches(self.cfg.learner.micro_batch_size, self.device)])
 
     def memory_stats(self) -> dict:
         return {"role": self.role, "name": "reference", **self.memory.stats()}

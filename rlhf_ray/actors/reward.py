@@ -19,7 +19,7 @@ class RewardScorer:
 
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.device = role_device(self.role, cfg.reward.num_gpus, "reward.num_gpus")
+        self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}")
         self.memory = MemorySampler()
         self.rule = None
         if cfg.reward.rule is not None:

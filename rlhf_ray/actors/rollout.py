@@ -27,7 +27,7 @@ class RolloutGenerator:
         to serve from instead of starting one; tests share one engine this way."""
         self.cfg = cfg
         self.name = name
-        on_gpu = role_device(name, cfg.rollout.num_gpus, "rollout.num_gpus").type == "cuda"
+        on_gpu = role_device(name, cfg.rollout.num_gpus, f"rollout.num_gpus={cfg.rollout.num_gpus:g}").type == "cuda"
         self.memory = MemorySampler()
         t = time.perf_counter()
         # processed_logprobs: the log-probs of the distribution actually sampled from (after
@@ -85,13 +85,9 @@ class RolloutGenerator:
         if adapter and self._lora is None:
             raise RuntimeError(f"{self.name}: no adapter loaded; publish version 0 first")
         t = time.perf_counter()
-        if seeds is None:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], self._params(n, None),
-                                     lora_request=self._lora if adapter else None, use_tqdm=False)
-        else:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
-                                     [self._params(n, s) for s in seeds],
-                                     lora_request=self._lora if adapter else None, use_tqdm=False)
+        params = self._params(n, None) if seeds is None else [self._params(n, s) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+                                 lora_request=self._lora if adapter else None, use_tqdm=False)
         samples = Samples()
         for i, (p, o) in enumerate(zip(prompt_ids, outs)):
             for c in o.outputs:
