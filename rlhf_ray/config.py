@@ -126,10 +126,14 @@ class SFTConfig:
     max_seq_len: int = 96
     eval_fraction: float = 0.05
     output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/sft_model
+    num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
+    use_gpu: bool = False  # one GPU per worker
+    num_cpus_per_worker: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
+        _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
+        _nonnegative(self, "num_cpus_per_worker")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
 
@@ -150,10 +154,14 @@ class RMConfig:
     max_seq_len: int = 128
     eval_fraction: float = 0.1
     output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/reward_model
+    num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
+    use_gpu: bool = False  # one GPU per worker
+    num_cpus_per_worker: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
+        _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
+        _nonnegative(self, "num_cpus_per_worker")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
@@ -323,11 +331,17 @@ class ClusterConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a local head; None = Ray's count
     call_timeout_s: float = 600.0  # every remote call that can hang gets this timeout
+    # The layout `rlhf-ray plan` assumes (its --nodes / --gpu-mem-gib override these).
+    nodes: int = 1  # the GPUs are spread evenly over this many nodes
+    gpu_memory_gib: float = 24.0  # memory of one GPU (RTX 3090: 24)
+    # Rehearsal (`--rehearse`): every role keeps its resource requests and placement, but
+    # computes on CPU, so a CPU-only cluster that declares logical GPUs runs the GPU layout.
+    rehearse: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
                f"must be >= 1 or null, got {self.num_cpus!r}")
-        _positive(self, "call_timeout_s")
+        _positive(self, "call_timeout_s", "nodes", "gpu_memory_gib")
 
 
 @dataclass(frozen=True)
