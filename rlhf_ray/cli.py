@@ -84,8 +84,23 @@ def _finish(cfg: Config, records: list[dict]) -> None:
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.cluster.rehearse:
+        _rehearsal_inputs(cfg, args)
     _finish(cfg, _ppo(cfg))
     return 0
+
+
+def _rehearsal_inputs(cfg: Config, args: argparse.Namespace) -> None:
+    """A rehearsed `train` has no SFT or reward model of the tiny stand-in yet: its own
+    (tiny, one-epoch) stages make them, on the workers the config asks for."""
+    from .stages import rm_dir, sft_dir
+
+    need_rm = cfg.reward.rule is None and not (rm_dir(cfg) / "config.json").is_file()
+    need_sft = cfg.ppo.base == "sft" or (need_rm and cfg.rm.base == "sft")
+    if need_sft and not (sft_dir(cfg) / "config.json").is_file():
+        _cmd_sft(cfg, args)
+    if need_rm:
+        _cmd_train_rm(cfg, args)
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -195,6 +210,9 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
 }
 
 
+REHEARSABLE = ("sft", "train-rm", "train", "run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description="RLHF (PPO + LoRA) on Ray with vLLM generators.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -222,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
             p.add_argument("--gpu-mem-gib", type=float, default=24.0, help="memory of one GPU (RTX 3090: 24)")
             p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over, evenly")
+        if name in REHEARSABLE:
+            p.add_argument("--rehearse", action="store_true",
+                           help="run this config's actors, resource requests and placement with a tiny model of the "
+                                "same family on CPU (a CPU-only cluster declaring logical GPUs is enough)")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")
@@ -246,6 +268,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     fn, _ = COMMANDS[args.command]
     try:
+        if getattr(args, "rehearse", False):
+            from .rehearse import describe, rehearsal_config
+
+            cfg = rehearsal_config(cfg)
+            print(describe(cfg))
         return fn(cfg, args)
     except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
         # Data, model and role errors name their file/key/role; a traceback adds nothing.

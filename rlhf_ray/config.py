@@ -129,11 +129,15 @@ class SFTConfig:
     num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
     use_gpu: bool = False  # one GPU per worker
     num_cpus_per_worker: float = 1.0
+    micro_batch_size: Optional[int] = None  # rows per forward on one worker (None = its whole share)
+    gradient_checkpointing: bool = False  # recompute activations in backward (7B on 24 GB cards)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
         _nonnegative(self, "num_cpus_per_worker")
+        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
+               f"must be > 0 or null, got {self.micro_batch_size!r}")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
 
@@ -157,11 +161,15 @@ class RMConfig:
     num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
     use_gpu: bool = False  # one GPU per worker
     num_cpus_per_worker: float = 1.0
+    micro_batch_size: Optional[int] = None  # rows per forward on one worker (None = its whole share)
+    gradient_checkpointing: bool = False  # recompute activations in backward (7B on 24 GB cards)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
         _nonnegative(self, "num_cpus_per_worker")
+        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
+               f"must be > 0 or null, got {self.micro_batch_size!r}")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")

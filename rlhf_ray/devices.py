@@ -5,16 +5,29 @@ from __future__ import annotations
 import torch
 
 
-def role_device(role: str, num_gpus: float, setting: str) -> torch.device:
+def role_device(role: str, num_gpus: float, setting: str, *, rehearse: bool = False) -> torch.device:
     """``cuda:0`` (the GPU Ray reserved for this actor) when ``num_gpus`` > 0, else the CPU.
+    In a rehearsal (``cluster.rehearse``) always the CPU: the actor still holds the logical
+    GPU Ray gave it, so placement is the real run's, only the arithmetic moves.
 
     Raises:
         RuntimeError: a GPU was asked for (``setting``: the config key and value) but this process has no CUDA; Ray's
             logical GPUs can be declared on a machine without one.
     """
-    if num_gpus <= 0:
+    if num_gpus <= 0 or rehearse:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError(f"{role}: {setting} but CUDA is not available in this process "
                            "(torch.cuda.is_available() is False); set it to 0 (false) to run this role on CPU")
     return torch.device("cuda", 0)
+
+
+def train_device(role: str, use_gpu: bool, rehearse: bool = False) -> torch.device:
+    """The device of a Ray Train worker of ``role`` (learner, sft, rm): Ray Train's GPU for
+    this rank, the CPU without ``<role>.use_gpu`` or in a rehearsal, and a clear error where a
+    GPU was asked for and CUDA is missing."""
+    if role_device(role, float(use_gpu), f"{role}.use_gpu=true", rehearse=rehearse).type == "cpu":
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from .batch import Samples
 from .config import Config
-from .launch import call, spawn
+from .launch import RolePlacement, call, spawn
 
 
 def request_seed(seed: int, step: int, prompt: int) -> int:
@@ -18,8 +18,10 @@ def request_seed(seed: int, step: int, prompt: int) -> int:
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float):
+    def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float,
+                 placement: Optional[RolePlacement] = None):
         self.cfg, self.model_path, self.max_model_len, self.timeout = cfg, model_path, max_model_len, timeout_s
+        self.placement = placement
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0
         self.latest_adapter = None
@@ -38,7 +40,8 @@ class RolloutFleet:
         name = f"rollout-{i}"
         r = self.cfg.rollout
         return name, spawn(RolloutGenerator, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
-                           num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len)
+                           num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len,
+                           placement=self.placement.options(name) if self.placement else None)
 
     def _attach(self, gen: tuple[str, Any]) -> None:
         """A generator joins the fleet only once it serves the latest adapter."""

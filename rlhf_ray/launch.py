@@ -81,10 +81,22 @@ def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:
     return asks
 
 
-def preflight(cfg: Config) -> None:
-    """Before any actor starts: the CPUs and GPUs the roles ask for, against what the cluster
-    has. Ray would otherwise leave an actor pending until cluster.call_timeout_s runs out, with
-    a message that names no cause.
+def stage_requests(stage: str, sc: Any) -> dict[str, list[tuple[str, float]]]:
+    """What an SFT / reward-model stage's Ray Train workers ask for (``sc``: its config section)."""
+    asks: dict[str, list[tuple[str, float]]] = {"CPU": [], "GPU": []}
+    n = f" x {sc.num_workers}" if sc.num_workers > 1 else ""
+    if sc.num_cpus_per_worker > 0:
+        asks["CPU"].append((f"{stage}.num_cpus_per_worker={sc.num_cpus_per_worker:g}{n}",
+                            sc.num_cpus_per_worker * sc.num_workers))
+    if sc.use_gpu:
+        asks["GPU"].append((f"{stage}.use_gpu=true{n}", float(sc.num_workers)))
+    return asks
+
+
+def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]] = None) -> None:
+    """Before any actor starts: the CPUs and GPUs the roles (or ``requests``, a stage's) ask
+    for, against what the cluster has. Ray would otherwise leave an actor pending until
+    cluster.call_timeout_s runs out, with a message that names no cause.
 
     Raises:
         ValueError: one line per short resource, naming every role's request and the cluster's total.
@@ -93,7 +105,7 @@ def preflight(cfg: Config) -> None:
 
     have, free = ray.cluster_resources(), ray.available_resources()
     problems, waits = [], []
-    for resource, asks in resource_requests(cfg).items():
+    for resource, asks in (requests or resource_requests(cfg)).items():
         need = sum(n for _, n in asks)
         if need <= 0:
             continue
@@ -115,11 +127,88 @@ def preflight(cfg: Config) -> None:
         print("rlhf-ray: the roles will wait for resources: " + "; ".join(waits), file=sys.stderr)
 
 
-def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0, **kwargs: Any) -> Any:
+def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:
+    """The placement-group layout of the roles the driver spawns (``rollout-i``, ``reward``, a
+    ``reference`` actor): one bundle per GPU, holding the roles whose shares add up to at most
+    one card (first fit, largest share first, config order among equals), then one bundle per
+    CPU-only role. Returns (bundles, bundle index of each role); a role asking for nothing has
+    no bundle. The learner's Ray Train workers are laid out by Ray Train (one GPU each, PACK)."""
+    r = cfg.rollout
+    roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_actors)]
+    roles.append(("reward", cfg.reward.num_gpus, cfg.reward.num_cpus))
+    if cfg.reference.mode == "actor":
+        roles.append(("reference", cfg.reference.num_gpus, cfg.reference.num_cpus))
+    bundles: list[dict[str, float]] = []
+    index: dict[str, int] = {}
+    for name, gpus, cpus in sorted((x for x in roles if x[1] > 0), key=lambda x: -x[1]):
+        fit = next((i for i, b in enumerate(bundles) if gpus < 1 and b["GPU"] + gpus <= 1 + 1e-9), None)
+        if fit is None:
+            bundles.append({"GPU": 0.0, "CPU": 0.0})
+            fit = len(bundles) - 1
+        bundles[fit]["GPU"] += gpus
+        bundles[fit]["CPU"] += cpus
+        index[name] = fit
+    for name, _, cpus in (x for x in roles if x[1] <= 0 and x[2] > 0):
+        bundles.append({"CPU": cpus})
+        index[name] = len(bundles) - 1
+    # Ray refuses zero-valued resources in a bundle.
+    return [{k: v for k, v in b.items() if v > 0} for b in bundles], index
+
+
+class RolePlacement:
+    """A placement group laid out by ``role_bundles``, reserved (and so placed) before any
+    role starts: the same config lands the same way every time, and a layout Ray cannot
+    satisfy (a bundle no node can hold whole) fails here, naming the bundles, instead of
+    leaving an actor pending. PACK puts the group on as few nodes as it fits; the learner's
+    group, made after it, takes the GPUs left (the other node, when there are two of four)."""
+
+    def __init__(self, cfg: Config, timeout_s: float):
+        import ray
+        from ray.exceptions import GetTimeoutError
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        self.bundles, self.index = role_bundles(cfg)
+        self.pg = None
+        if not self.bundles:
+            return
+        self.pg = placement_group(self.bundles, strategy="PACK", name=f"rlhf-ray-{cfg.output.name}-roles")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            self.pg = None
+            layout = ", ".join(f"{name}: {self.bundles[i]}" for name, i in self.index.items())
+            raise RoleFailed("placement", f"Ray did not place the roles' placement group within {timeout_s:g}s "
+                             f"({layout}); every bundle must fit whole on one node (see `ray status`)") from None
+
+    def options(self, role: str) -> dict[str, Any]:
+        """Ray actor options that put ``role`` in its bundle; none for a role outside the
+        layout (a generator added by scaling up is scheduled wherever Ray finds room)."""
+        if self.pg is None or role not in self.index:
+            return {}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=self.index[role])}
+
+    def close(self) -> None:
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # the cluster is already gone
+                pass
+            self.pg = None
+
+
+def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0,
+          placement: Optional[dict[str, Any]] = None, **kwargs: Any) -> Any:
     import ray
 
     return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                   runtime_env={"env_vars": dict(ROLE_ENV)}).remote(cfg, *args, **kwargs)
+                                   runtime_env={"env_vars": dict(ROLE_ENV)},
+                                   **(placement or {})).remote(cfg, *args, **kwargs)
 
 
 def call(role: str, refs: Any, timeout_s: float) -> Any:
@@ -135,6 +224,14 @@ def call(role: str, refs: Any, timeout_s: float) -> Any:
         raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e)) from e
     except GetTimeoutError as e:
         raise RoleFailed(role, f"no answer within cluster.call_timeout_s={timeout_s}") from e
+
+
+def torch_config(cfg: Config, use_gpu: bool):
+    """Ray Train's process group: NCCL between GPUs; gloo on CPU and in a rehearsal, where the
+    workers hold logical GPUs but compute on CPU."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if use_gpu and not cfg.cluster.rehearse else "gloo")
 
 
 class LearnerGroup:
@@ -162,6 +259,7 @@ class LearnerGroup:
             scaling_config=ScalingConfig(
                 num_workers=self.world, use_gpu=cfg.learner.use_gpu,
                 resources_per_worker={"CPU": cfg.learner.num_cpus_per_worker}),
+            torch_config=torch_config(cfg, cfg.learner.use_gpu),
             run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name="learner"),
         )
         self._error: Optional[BaseException] = None

@@ -28,6 +28,21 @@ def tree_rss(pid: Optional[int] = None) -> int:
     return total
 
 
+def where() -> dict[str, Any]:
+    """The node and the GPUs Ray assigned to this process (logical ids: a rehearsal on a
+    CPU-only cluster reports the placement the GPU run would get)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    except Exception:  # telemetry must never break a step
+        return {}
+
+
 class MemorySampler:
     """Tracks the peak RSS of this process tree by sampling it on a daemon thread.
 
@@ -50,7 +65,7 @@ class MemorySampler:
         return self._peak
 
     def stats(self) -> dict[str, Any]:
-        out = {"pid": os.getpid(), "rss_bytes": tree_rss(), "peak_rss_bytes": self.peak()}
+        out = {"pid": os.getpid(), "rss_bytes": tree_rss(), "peak_rss_bytes": self.peak(), **where()}
         try:
             import torch
 

@@ -21,7 +21,7 @@ from .batch import pad_samples
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import RolloutFleet, request_seed
-from .launch import LearnerGroup, RoleFailed, call, connect, preflight, spawn
+from .launch import LearnerGroup, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .telemetry import MetricsWriter, StageTimer
 
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
@@ -61,22 +61,27 @@ class PPOTrainer:
 
         t = time.perf_counter()
         self._roles: list[tuple[str, Any]] = []
-        self.fleet = RolloutFleet(cfg, self.model_path, max_model_len=self.max_model_len, timeout_s=self._timeout)
+        self.fleet = None
+        self.learner = None
         try:
+            # The roles' group is reserved before the learner's, so Ray Train's workers take
+            # the GPUs it leaves (see RolePlacement).
+            self.placement = RolePlacement(cfg, self._timeout)
+            self.fleet = RolloutFleet(cfg, self.model_path, max_model_len=self.max_model_len,
+                                      timeout_s=self._timeout, placement=self.placement)
             self.reward = spawn(RewardScorer, cfg, self.reward_path, num_cpus=cfg.reward.num_cpus,
-                                num_gpus=cfg.reward.num_gpus)
+                                num_gpus=cfg.reward.num_gpus, placement=self.placement.options("reward"))
             self._roles.append(("reward", self.reward))
             self.reference = None
             if cfg.reference.mode == "actor":
                 self.reference = spawn(ReferencePolicy, cfg, self.model_path, num_cpus=cfg.reference.num_cpus,
-                                       num_gpus=cfg.reference.num_gpus)
+                                       num_gpus=cfg.reference.num_gpus, placement=self.placement.options("reference"))
                 self._roles.append(("reference", self.reference))
             self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
             self.version = 0
             self.value_head: dict[str, torch.Tensor] = {}
             self.fleet.start(self.learner.initial_adapter_ref)
-            for role, handle in self._roles:
-                call(role, handle.memory_stats.remote(), self._timeout)
+            self.layout = self._where()
         except BaseException:
             self.close()
             raise
@@ -236,6 +241,15 @@ class PPOTrainer:
             "memory": self._memory(stats),
         }
 
+    def _where(self) -> dict[str, dict]:
+        """Where every actor landed: node and the GPUs Ray assigned it (logical ids, so a
+        rehearsal shows the GPU run's layout); written to ``<run>/placement.json``."""
+        stats = {s["name"]: s for s in self.learner.memory()}
+        stats.update(self._memory([]))
+        layout = {name: {k: s[k] for k in ("node_id", "node_ip", "gpu_ids") if k in s} for name, s in stats.items()}
+        (self.run_dir / "placement.json").write_text(json.dumps(layout, indent=2))
+        return layout
+
     def _memory(self, learner_stats: list[dict]) -> dict[str, dict]:
         out = {s["memory"]["name"]: s["memory"] for s in learner_stats}
         out.update(self.fleet.memory())
@@ -283,6 +297,7 @@ class PPOTrainer:
             "stage": "ppo", "time_s": time.perf_counter() - self._t0, "base": self.model_path, "reward_model": self.reward_path,
             "rollout_actors": len(self.fleet.members), "learner_workers": self.cfg.learner.num_workers,
             "reference_mode": self.cfg.reference.mode, "startup_s": self.startup_s, "steps": len(records),
+            "rehearsal": self.cfg.cluster.rehearse, "placement": self.layout,
             "samples_per_s": sum(r["samples"] for r in steady) / total if total else None,
             "tokens_per_s": sum(r["response_tokens"] for r in steady) / total if total else None,
             "step_s_mean": total / len(steady) if steady else None,
@@ -307,13 +322,16 @@ class PPOTrainer:
             if getattr(self, "learner", None) is not None:
                 self.learner.stop()
         finally:
-            self.fleet.close()
+            if self.fleet is not None:
+                self.fleet.close()
             for _, handle in self._roles:
                 try:
                     ray.kill(handle)
                 except Exception:
                     pass
             self._roles = []
+            if getattr(self, "placement", None) is not None:
+                self.placement.close()
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
 

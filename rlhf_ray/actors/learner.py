@@ -23,6 +23,7 @@ import torch
 from ..algo import ESTIMATORS, masked_mean, ppo_loss
 from ..batch import TokenBatch, to_action_width
 from ..config import Config
+from ..devices import train_device
 from ..sync import AdapterVersion, extract_adapter
 from ..telemetry import MemorySampler
 
@@ -156,18 +157,6 @@ class LearnerCore:
         return {"role": self.role, "name": f"learner-{self.rank}", **self.memory.stats()}
 
 
-def learner_device(use_gpu: bool) -> torch.device:
-    """Ray Train's device for this worker; a clear error where a GPU was asked for and CUDA is
-    missing (Ray's logical GPUs can exist without one)."""
-    from ..devices import role_device
-
-    if role_device("learner", float(use_gpu), "learner.use_gpu=true").type == "cpu":
-        return torch.device("cpu")
-    import ray.train.torch
-
-    return ray.train.torch.get_device()
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop. Requests in (one queue per rank): (kind, request_id, [batch_ref],
     version) with kind evaluate|update|memory, or ("stop",). Replies out: (kind, request_id,
@@ -186,7 +175,8 @@ def train_loop(config: dict[str, Any]) -> None:
     request_id = None
     try:
         torch.set_num_threads(config.get("torch_threads", 1))
-        core = LearnerCore(cfg, config["model_path"], rank, world, device=learner_device(cfg.learner.use_gpu))
+        core = LearnerCore(cfg, config["model_path"], rank, world, device=train_device(
+            "learner", cfg.learner.use_gpu, cfg.cluster.rehearse))
         if world > 1:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(core.module, core.frozen_names())
             core.model = ray.train.torch.prepare_model(

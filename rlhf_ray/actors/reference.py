@@ -22,7 +22,8 @@ class ReferencePolicy:
 
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.device = role_device(self.role, cfg.reference.num_gpus, f"reference.num_gpus={cfg.reference.num_gpus:g}")
+        self.device = role_device(self.role, cfg.reference.num_gpus, f"reference.num_gpus={cfg.reference.num_gpus:g}",
+                                  rehearse=cfg.cluster.rehearse)
         self.memory = MemorySampler()
         self.model = load_causal_lm(model_path, cfg.model.dtype, device=self.device).eval()
         self.sampling = Sampling.from_config(cfg.rollout).untruncated()

@@ -19,7 +19,8 @@ class RewardScorer:
 
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}")
+        self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}",
+                                  rehearse=cfg.cluster.rehearse)
         self.memory = MemorySampler()
         self.rule = None
         if cfg.reward.rule is not None:

@@ -27,7 +27,8 @@ class RolloutGenerator:
         to serve from instead of starting one; tests share one engine this way."""
         self.cfg = cfg
         self.name = name
-        on_gpu = role_device(name, cfg.rollout.num_gpus, f"rollout.num_gpus={cfg.rollout.num_gpus:g}").type == "cuda"
+        on_gpu = role_device(name, cfg.rollout.num_gpus, f"rollout.num_gpus={cfg.rollout.num_gpus:g}",
+                             rehearse=cfg.cluster.rehearse).type == "cuda"
         self.memory = MemorySampler()
         t = time.perf_counter()
         # processed_logprobs: the log-probs of the distribution actually sampled from (after

@@ -46,19 +46,24 @@ def build_tiny_model(
     max_positions: int = 256,
     seed: int = 0,
     texts: Optional[Iterable[str]] = None,
+    like: Optional[str | Path] = None,
 ) -> Path:
     """Build (or reuse, if built with the same settings) a tiny Llama + tokenizer in ``out_dir``.
+    With ``like`` (a directory with a config.json, e.g. Llama-3.1-8B's shape facts), a tiny
+    model of that family instead: its architecture, rotary settings and KV-head grouping,
+    at this size.
 
     The weights are random: the model is a stand-in with the real architecture, so every
     code path (HF, PEFT, vLLM, LoRA hot swap) runs on it as on Llama-2-7B.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from ..data.synthetic import corpus
 
     out = Path(out_dir)
     settings = dict(layers=layers, hidden=hidden, heads=heads, vocab_size=vocab_size,
-                    max_positions=max_positions, seed=seed, custom_texts=texts is not None)
+                    max_positions=max_positions, seed=seed, custom_texts=texts is not None,
+                    like=json.loads((Path(like) / "config.json").read_text()) if like else None)
     marker = out / _MARKER
     if texts is None and marker.is_file() and json.loads(marker.read_text()) == settings:
         return out
@@ -66,7 +71,7 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(texts if texts is not None else corpus(seed=seed), vocab_size)
     tokenizer.model_max_length = max_positions
-    config = LlamaConfig(
+    sizes = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -80,8 +85,18 @@ def build_tiny_model(
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
+    if like is None:
+        config = LlamaConfig(**sizes)
+    else:
+        config = AutoConfig.from_pretrained(str(like))
+        # Keep the family's query/KV head ratio (grouped-query attention stays grouped).
+        ratio = config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads)
+        sizes["num_key_value_heads"] = max(1, heads // max(1, ratio))
+        sizes["head_dim"] = hidden // heads
+        for k, v in sizes.items():
+            setattr(config, k, v)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(settings))

@@ -14,10 +14,12 @@ import torch
 from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import Clock, pad_right, save_model, train_epochs, use_all_cores, write_summary
+from .finetune import (Clock, pad_right, prepare_for_training, run_on_workers, save_model, train_epochs,
+                       worker_threads, write_summary)
 from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
+SCALE_PAIRS = 2048  # training pairs the reward mean/std are measured on
 
 
 def reward_text(prompt: str, response: str) -> str:
@@ -66,29 +68,29 @@ def encode(pairs: list[dict], tokenizer, max_len: int, report: LoadReport, use_m
     return out
 
 
-def _rewards(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+def _rewards(model, seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
     ids, mask = pad_right(seqs, pad_id)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 
-def _pair_loss(model, batch: list[tuple], pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+def _pair_loss(model, batch: list[tuple], pad_id: int, device=None) -> tuple[torch.Tensor, dict[str, float]]:
     n = len(batch)
-    rewards = _rewards(model, [b[0] for b in batch] + [b[1] for b in batch], pad_id)
+    rewards = _rewards(model, [b[0] for b in batch] + [b[1] for b in batch], pad_id, device)
     chosen, rejected = rewards[:n], rewards[n:]
-    margin = torch.tensor([b[2] for b in batch])
+    margin = torch.tensor([b[2] for b in batch], device=rewards.device)
     loss = pairwise_reward_loss(chosen, rejected, margin)
     return loss, {"accuracy": float((chosen > rejected).float().mean())}
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[tuple], pad_id: int, batch_size: int) -> dict[str, float]:
+def evaluate_pairs(model, pairs: list[tuple], pad_id: int, batch_size: int, device=None) -> dict[str, float]:
     """Held-out pair accuracy (chosen scored above rejected) and reward gap."""
     model.eval()
     chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
         b = pairs[i:i + batch_size]
-        chosen.append(_rewards(model, [x[0] for x in b], pad_id))
-        rejected.append(_rewards(model, [x[1] for x in b], pad_id))
+        chosen.append(_rewards(model, [x[0] for x in b], pad_id, device))
+        rejected.append(_rewards(model, [x[1] for x in b], pad_id, device))
     model.train()
     c, r = torch.cat(chosen), torch.cat(rejected)
     return {"accuracy": float((c > r).float().mean()), "reward_gap": float((c - r).mean()),
@@ -96,18 +98,17 @@ def evaluate_pairs(model, pairs: list[tuple], pad_id: int, batch_size: int) -> d
 
 
 @torch.no_grad()
-def reward_scale(model, pairs: list[tuple], pad_id: int, batch_size: int) -> dict[str, float]:
+def reward_scale(model, pairs: list[tuple], pad_id: int, batch_size: int, device=None) -> dict[str, float]:
     model.eval()
-    scores = torch.cat([_rewards(model, [s for x in pairs[i:i + batch_size] for s in x[:2]], pad_id)
+    scores = torch.cat([_rewards(model, [s for x in pairs[i:i + batch_size] for s in x[:2]], pad_id, device)
                         for i in range(0, len(pairs), batch_size)])
     return {"mean": float(scores.mean()), "std": float(scores.std().clamp_min(1e-6))}
 
 
 def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification
-
-    from ..models import add_lora, load_tokenizer
-    from ..models.loading import torch_dtype
+    """Pairs are read, checked and encoded here; training runs on ``rm.num_workers`` Ray Train
+    workers, and rank 0 evaluates, measures the reward scale and saves."""
+    from ..models import load_tokenizer
 
     rc = cfg.rm
     clock = Clock()
@@ -121,16 +122,42 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     if not train or not held:
         raise ValueError(f"train-rm: {len(train)} training and {len(held)} held-out pairs left after "
                          f"dropping those over rm.max_seq_len ({'; '.join(r.summary() for r in reports)})")
+    out = rm_dir(cfg)
+    (out / "stage.json").unlink(missing_ok=True)  # what the workers write is what is read back
+    summary = {"stage": "rm", "base": base, "output": str(out), "mode": rc.mode, "use_margin": rc.use_margin,
+               "data": [r.to_dict() for r in reports], "train_pairs": len(train), "heldout_pairs": len(held),
+               "workers": rc.num_workers, "use_gpu": rc.use_gpu}
+    run_on_workers(cfg, "rm", _rm_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
+                                           "summary": summary, "progress": progress})
+    summary = json.loads((out / "stage.json").read_text())
+    summary["time_s"] = clock()
+    write_summary(cfg.output.run_dir.resolve(), "rm", summary)
+    return summary
 
-    use_all_cores()
-    torch.manual_seed(rc.seed)
+
+def _rm_worker(config: dict) -> None:
+    import ray.train
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from ..devices import train_device
+    from ..models import add_lora, load_tokenizer
+    from ..models.loading import torch_dtype
+
+    cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
+    rc = cfg.rm
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads()
+    device = train_device("rm", rc.use_gpu, cfg.cluster.rehearse)
+    torch.manual_seed(rc.seed)
+    tokenizer = load_tokenizer(base)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score head newly initialised" is the point here
     try:
+        kwargs = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
-                                                                   dtype=torch_dtype(cfg.model.dtype))
+                                                                   dtype=torch_dtype(cfg.model.dtype), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -138,25 +165,25 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
     params = [p for p in model.parameters() if p.requires_grad]
     pad = tokenizer.pad_token_id
-    before = evaluate_pairs(model, held, pad, rc.batch_size)
+    before = evaluate_pairs(model, held, pad, rc.batch_size, device) if rank == 0 else None
     model.train()
+    ddp = prepare_for_training(model, rc.gradient_checkpointing, world)
     history = train_epochs(params, train, batch_size=rc.batch_size, epochs=rc.epochs, lr=rc.lr, seed=rc.seed,
-                           loss_fn=lambda b: _pair_loss(model, b, pad), desc="train-rm", progress=progress)
-    after = evaluate_pairs(model, held, pad, rc.batch_size)
-    scale = reward_scale(model, train, pad, rc.batch_size)
-    out = rm_dir(cfg)
-    summary = {
-        "stage": "rm", "base": base, "output": str(out), "mode": rc.mode, "use_margin": rc.use_margin,
-        "data": [r.to_dict() for r in reports], "train_pairs": len(train), "heldout_pairs": len(held),
-        "steps": len(history), "trainable_params": sum(p.numel() for p in params),
-        "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-        "heldout_before": before, "heldout_after": after, "normalizer": scale,
-    }
+                           loss_fn=lambda b: _pair_loss(ddp, b, pad, device), desc="train-rm",
+                           progress=config["progress"], rank=rank, world=world, micro_batch_size=rc.micro_batch_size)
+    if rank != 0:
+        return
+    if rc.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    after = evaluate_pairs(model, held, pad, rc.batch_size, device)
+    # A sample is enough for a mean and a std; all pairs of a large set would be hours on one 7B GPU.
+    scale = reward_scale(model, train[:SCALE_PAIRS], pad, rc.batch_size, device)
+    out = Path(config["summary"]["output"])
+    summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
+               "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+               "heldout_before": before, "heldout_after": after, "normalizer": scale}
     save_model(model, tokenizer, out, summary)
     (out / NORMALIZER).write_text(json.dumps(scale))
-    summary["time_s"] = clock()
-    write_summary(cfg.output.run_dir.resolve(), "rm", summary)
-    return summary
 
 
 def load_normalizer(path: str | Path) -> Optional[dict[str, float]]:

@@ -3,14 +3,17 @@
 randomly initialised tiny model needs); ``lora`` trains an adapter and merges it on save."""
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import Clock, pad_right, save_model, train_epochs, use_all_cores, write_summary
+from .finetune import (Clock, pad_right, prepare_for_training, run_on_workers, save_model, train_epochs,
+                       worker_threads, write_summary)
 from . import sft_dir
 
 
@@ -41,29 +44,31 @@ def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadR
     return out
 
 
-def _lm_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+def _lm_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> torch.Tensor:
     ids, mask = pad_right([b[0] for b in batch], pad_id)
     labels, _ = pad_right([b[1] for b in batch], pad_id, fill=-100)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list, pad_id: int, batch_size: int) -> float:
+def eval_loss(model, examples: list, pad_id: int, batch_size: int, device=None) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), batch_size):
         b = examples[i:i + batch_size]
         tokens = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in b)
-        total += float(_lm_loss(model, b, pad_id)) * tokens
+        total += float(_lm_loss(model, b, pad_id, device)) * tokens
         n += tokens
     model.train()
     return total / max(n, 1)
 
 
 def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
-    from ..models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
+    """Data is read, checked and split here; training runs on ``sft.num_workers`` Ray Train
+    workers, and rank 0 evaluates and saves (``output.dir`` must be storage every node sees)."""
+    from ..models import load_tokenizer, resolve_model_path
 
     sc = cfg.sft
     clock = Clock()
@@ -79,28 +84,49 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     rng.shuffle(examples)
     n_eval = int(len(examples) * sc.eval_fraction)
     held, train = examples[:n_eval], examples[n_eval:]
+    out = sft_dir(cfg)
+    (out / "stage.json").unlink(missing_ok=True)  # what the workers write is what is read back
+    summary = {"stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
+               "train_examples": len(train), "heldout_examples": len(held), "workers": sc.num_workers,
+               "use_gpu": sc.use_gpu}
+    run_on_workers(cfg, "sft", _sft_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
+                                             "summary": summary, "progress": progress})
+    summary = json.loads((out / "stage.json").read_text())
+    summary["time_s"] = clock()
+    write_summary(cfg.output.run_dir.resolve(), "sft", summary)
+    return summary
 
-    use_all_cores()
+
+def _sft_worker(config: dict) -> None:
+    import ray.train
+
+    from ..devices import train_device
+    from ..models import add_lora, load_causal_lm, load_tokenizer
+
+    cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
+    sc = cfg.sft
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads()
+    device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(sc.seed)
-    model = load_causal_lm(base, cfg.model.dtype)
+    model = load_causal_lm(base, cfg.model.dtype, device)
     if sc.mode == "lora":
         model = add_lora(model, cfg.lora)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    pad = tokenizer.pad_token_id
-    before = eval_loss(model, held, pad, sc.batch_size) if held else None
+    pad = load_tokenizer(base).pad_token_id
+    before = eval_loss(model, held, pad, sc.batch_size, device) if held and rank == 0 else None
+    ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
     history = train_epochs(params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr, seed=sc.seed,
-                           loss_fn=lambda b: (_lm_loss(model, b, pad), {}), desc="sft", progress=progress)
-    after = eval_loss(model, held, pad, sc.batch_size) if held else None
-    out = sft_dir(cfg)
-    summary = {
-        "stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
-        "train_examples": len(train), "heldout_examples": len(held), "steps": len(history),
-        "trainable_params": sum(p.numel() for p in params),
-        "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-        "heldout_loss_before": before, "heldout_loss_after": after,
-    }
-    save_model(model, tokenizer, out, summary)
-    summary["time_s"] = clock()
-    write_summary(cfg.output.run_dir.resolve(), "sft", summary)
-    return summary
+                           loss_fn=lambda b: (_lm_loss(ddp, b, pad, device), {}), desc="sft",
+                           progress=config["progress"], rank=rank, world=world, micro_batch_size=sc.micro_batch_size)
+    if rank != 0:
+        return
+    if sc.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    after = eval_loss(model, held, pad, sc.batch_size, device) if held else None
+    summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
+               "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+               "heldout_loss_before": before, "heldout_loss_after": after}
+    save_model(model, load_tokenizer(base), Path(summary["output"]), summary)
