@@ -130,29 +130,48 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    """Per-actor memory and placement from the model's config.json alone (no weights, no GPU)."""
+    """Per-actor memory and placement from the model's config.json alone (no weights, no GPU),
+    then the rate model's generator/learner splits (GPU roles only)."""
+    import math
     from pathlib import Path
 
     from .models import resolve_model_path
     from .plan import model_shape
     from .plan.placement import GIB, make_plan, render
+    from .plan.rates import render_splits, split_table
 
     model = resolve_model_path(cfg.model)
     targets = list(cfg.lora.target_modules)
     shape = model_shape(model, cfg.lora.rank, targets)
     rm = cfg.reward.path if cfg.reward.path and (Path(cfg.reward.path) / "config.json").is_file() else model
     rm_shape = model_shape(rm, cfg.lora.rank, targets)
-    gpus = args.gpus if args.gpus is not None else max(1, int(cfg.learner.use_gpu) * cfg.learner.num_workers
-                                                          + int(cfg.rollout.num_gpus * cfg.rollout.num_actors + 0.999))
-    if gpus % args.nodes:
-        print(f"rlhf-ray plan: --gpus {gpus} is not divisible by --nodes {args.nodes}", file=sys.stderr)
+    # Flags override the config's cluster.nodes / cluster.gpu_memory_gib.
+    nodes = args.nodes if args.nodes is not None else cfg.cluster.nodes
+    gpu_mem_gib = args.gpu_mem_gib if args.gpu_mem_gib is not None else cfg.cluster.gpu_memory_gib
+    reference_gpus = cfg.reference.num_gpus if cfg.reference.mode == "actor" else 0.0
+    asked = (int(cfg.learner.use_gpu) * cfg.learner.num_workers + cfg.rollout.num_gpus * cfg.rollout.num_actors
+             + cfg.reward.num_gpus + reference_gpus)
+    gpus = args.gpus if args.gpus is not None else max(1, math.ceil(asked - 1e-9))
+    if nodes < 1 or gpus < 1 or gpu_mem_gib <= 0:
+        print(f"rlhf-ray plan: --gpus {gpus}, --nodes {nodes}, --gpu-mem-gib {gpu_mem_gib:g}: each must be positive",
+              file=sys.stderr)
         return 2
-    memory = int(args.gpu_mem_gib * GIB)
-    plan = make_plan(cfg, shape, rm_shape, nodes=args.nodes, gpus_per_node=gpus // args.nodes, gpu_memory=memory,
-                     seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                     response_tokens=cfg.rollout.max_new_tokens)
-    print(f"plan for {gpus} GPUs of {args.gpu_mem_gib:g} GiB on {args.nodes} node(s), model {model}")
+    if gpus % nodes:
+        print(f"rlhf-ray plan: {gpus} GPUs are not divisible by {nodes} nodes (--gpus / --nodes, cluster.nodes)",
+              file=sys.stderr)
+        return 2
+    memory = int(gpu_mem_gib * GIB)
+    lengths = dict(seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                   response_tokens=cfg.rollout.max_new_tokens)
+    plan = make_plan(cfg, shape, rm_shape, nodes=nodes, gpus_per_node=gpus // nodes, gpu_memory=memory, **lengths)
+    print(f"plan for {gpus} GPUs of {gpu_mem_gib:g} GiB on {nodes} node(s), model {model}")
     print(render(plan, shape, memory))
+    print()
+    if cfg.rollout.num_gpus > 0 and cfg.learner.use_gpu and cfg.reward.num_gpus > 0:
+        rows = split_table(cfg, shape, rm_shape, gpus=gpus, nodes=nodes, gpu_memory=memory, **lengths)
+        print(render_splits(rows, (cfg.rollout.num_actors, cfg.learner.num_workers)))
+    else:
+        print("rate model: only for GPU layouts (rollout.num_gpus > 0, learner.use_gpu, reward.num_gpus > 0)")
     return 1 if plan.problems else 0
 
 
@@ -238,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
         if name == "plan":
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
-            p.add_argument("--gpu-mem-gib", type=float, default=24.0, help="memory of one GPU (RTX 3090: 24)")
-            p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over, evenly")
+            p.add_argument("--gpu-mem-gib", type=float, default=None,
+                           help="memory of one GPU (default: cluster.gpu_memory_gib; RTX 3090: 24)")
+            p.add_argument("--nodes", type=int, default=None,
+                           help="nodes the GPUs are spread over, evenly (default: cluster.nodes)")
         if name in REHEARSABLE:
             p.add_argument("--rehearse", action="store_true",
                            help="run this config's actors, resource requests and placement with a tiny model of the "

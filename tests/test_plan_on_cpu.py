@@ -116,9 +116,125 @@ def test_plan_cli_places_the_7b_config_and_names_what_does_not_fit():
     for actor in ("learner-0", "learner-3", "rollout-2", "reward"):
         assert actor in r.stdout
     assert "fits: every actor has a place" in r.stdout
-    two = rlhf_ray("plan", "--config", cfg, "--gpus", "8", "--nodes", "2")
-    assert two.returncode == 0 and "node 1 gpu 3" in two.stdout
+    # The rate table follows the placement table: the shipped 3/4 split is both configured and best.
+    assert r.stdout.index("rate model:") > r.stdout.index("fits: every actor")
+    assert "3/4" in r.stdout and "configured, best" in r.stdout and "suggested split: 3/4" in r.stdout
+    assert "assumptions:" in r.stdout and "71 TFLOPS" in r.stdout
+    # Without --gpus: what the config asks for, the reward model's GPU included (4 + 3 + 1).
+    two = rlhf_ray("plan", "--config", cfg, "--nodes", "2")
+    assert two.returncode == 0 and "plan for 8 GPUs" in two.stdout and "node 1 gpu 3" in two.stdout
     small = rlhf_ray("plan", "--config", cfg, "--gpus", "8", "--gpu-mem-gib", "12")
     assert small.returncode == 1 and "learner-0 needs" in small.stdout and "gradient_checkpointing" in small.stdout
     newer = rlhf_ray("plan", "--config", str(ROOT / "configs/llama31_8b_lora_8x3090.yaml"), "--gpus", "8")
     assert newer.returncode == 0 and "8,030,261,248 parameters" in newer.stdout
+
+
+# --- The rate model ------------------------------------------------------------------------------
+
+def _easy(**kw):
+    """Round figures: 1 GB/s at 50%, 1 TFLOPS at 50% forward / 25% training, no LoRA overhead."""
+    from rlhf_ray.plan.rates import Assumptions
+
+    base = dict(bytes_per_s=1e9, flops=1e12, decode_fraction=0.5, lora_decode_overhead=1.0, forward_mfu=0.5,
+                train_mfu=0.25, max_num_seqs=4, link_bytes_per_s=1e8, publish_fixed_s=0.5)
+    return Assumptions(**{**base, **kw})
+
+
+def test_rate_formulas_on_hand_computed_numbers():
+    from rlhf_ray.plan import rates
+
+    a = _easy()
+    # One decode step: 1e8 weight bytes + 2 sequences x 100 tokens x 1e5 KV bytes = 1.2e8 bytes at 5e8 B/s.
+    assert rates.decode_step_s(1e8, 2, 100, 1e5, a) == pytest.approx(0.24)
+    assert rates.decode_tokens_per_s(1e8, 2, 100, 1e5, a) == pytest.approx(2 / 0.24)
+    assert rates.decode_step_s(1e8, 2, 100, 1e5, _easy(lora_decode_overhead=1.3)) == pytest.approx(1.3 * 0.24)
+    # In flight: the fewest of the sequences dealt, whole sequences the KV cache holds, max_num_seqs.
+    assert [rates.in_flight(10, 3.7, a), rates.in_flight(10, 100, a), rates.in_flight(2, 100, a),
+            rates.in_flight(10, 0.5, a)] == [3, 4, 2, 1]
+    # 3 prompts x 2 samples = 6 sequences, 4 in flight -> 2 waves of 10 steps.
+    # prefill: 2 x 1e6 params x 100 tokens x 3 prompts = 6e8 FLOPs at 5e11 FLOP/s = 1.2e-3 s
+    # decode: 10 steps x (2 waves x 1e8 + 6 seqs x (100 + 10/2) tokens x 1e5) = 10 x 2.63e8 bytes at 5e8 B/s = 5.26 s
+    g = rates.generate_s(params=10**6, weight_bytes=1e8, kv_bytes_per_token=1e5, prompts=3, samples_per_prompt=2,
+                         prompt_tokens=100, new_tokens=10, kv_sequences=4.5, a=a)
+    assert g == pytest.approx(1.2e-3 + 5.26)
+    # Learner, P = 1000, T = 10: old 2PT + reference 2PT + 2 epochs x (2PT + 2PT + 2PT recompute) = 16PT.
+    f = rates.learner_flops_per_sample(params=1000, tokens=10, epochs=2, checkpointing=True, shared_base=True)
+    assert f == 16 * 1000 * 10
+    assert rates.learner_flops_per_sample(params=1000, tokens=10, epochs=2, checkpointing=False,
+                                          shared_base=True) == 12 * 1000 * 10
+    assert rates.learner_flops_per_sample(params=1000, tokens=10, epochs=2, checkpointing=True,
+                                          shared_base=False) == 14 * 1000 * 10
+    # 100 rows x 1.6e5 FLOPs over 4 ranks of 1e12 x 25%.
+    assert rates.learner_s(flops_per_sample=f, rows=100, workers=4, a=a) == pytest.approx(1.6e7 / 1e12)
+    assert rates.reward_s(rm_params=1000, rows=100, tokens=10, a=a) == pytest.approx(2e6 / 5e11)
+    assert rates.publish_s(10**8, a) == pytest.approx(0.5 + 1.0)
+
+
+def test_more_bandwidth_means_more_decode_tokens_per_s():
+    from rlhf_ray.plan import rates
+
+    slow, fast = _easy(), _easy(bytes_per_s=2e9)
+    for batch in (1, 4, 64):
+        assert rates.decode_tokens_per_s(1e8, batch, 100, 1e5, fast) > rates.decode_tokens_per_s(1e8, batch, 100, 1e5, slow)
+    kw = dict(params=10**6, weight_bytes=1e8, kv_bytes_per_token=1e5, prompts=3, samples_per_prompt=2,
+              prompt_tokens=100, new_tokens=10, kv_sequences=4.5)
+    assert rates.generate_s(**kw, a=fast) < rates.generate_s(**kw, a=slow)
+    # A bigger batch in flight shares each read of the weights: more tokens/s per engine.
+    assert rates.decode_tokens_per_s(1e8, 4, 100, 1e5, slow) > rates.decode_tokens_per_s(1e8, 1, 100, 1e5, slow)
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    from rlhf_ray.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml", [f"model.path={ROOT / 'configs/models/llama-2-7b'}"])
+    return cfg, model_shape(cfg.model.path, cfg.lora.rank, list(cfg.lora.target_modules))
+
+
+def _splits(cfg, shape, **kw):
+    from rlhf_ray.plan.rates import split_table
+
+    return split_table(cfg, shape, shape, gpus=8, nodes=1, gpu_memory=24 * 2**30, seq_len=2048 + 128,
+                       response_tokens=128, **kw)
+
+
+def test_suggested_split_is_the_argmax_of_the_table(llama2):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.plan.rates import best, render_splits
+
+    cfg, shape = llama2
+    rows = _splits(cfg, shape)
+    top = best(rows)
+    assert top.samples_per_s == max(e.samples_per_s for e in rows)
+    for e in rows:  # every row is a valid split that fits beside the reward model's GPU
+        assert e.generators >= 1 and e.learners >= 1 and cfg.learner.minibatch_size % e.learners == 0
+        assert e.generators + e.learners + 1 <= 8
+        assert e.samples_per_s == pytest.approx(e.rows / (e.generate_s + e.reward_s + e.learner_s + e.publish_s))
+    assert (top.generators, top.learners) == (3, 4)
+    # A configured 5/2 is rated, marked, and the better split suggested with its gain.
+    other = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml",
+                        [f"model.path={cfg.model.path}", "rollout.num_actors=5", "learner.num_workers=2"])
+    text = render_splits(_splits(other, shape), (5, 2))
+    mine = next(e for e in rows if (e.generators, e.learners) == (5, 2))
+    gain = top.samples_per_s / mine.samples_per_s - 1
+    assert f"suggested split: 3/4, {gain:+.0%} samples/s over the configured 5/2" in text
+    assert any(line.startswith("5/2") and line.endswith("configured") for line in text.splitlines())
+    assert any(line.startswith("3/4") and line.endswith("best") for line in text.splitlines())
+
+
+def test_plan_reads_nodes_and_gpu_memory_from_the_config_and_flags_override(monkeypatch, capsys):
+    from rlhf_ray.cli import main
+
+    monkeypatch.chdir(ROOT)
+    two = "configs/llama2_7b_lora_2x4x3090.yaml"
+    assert main(["plan", "--config", two]) == 0
+    out = capsys.readouterr().out
+    assert "plan for 8 GPUs of 24 GiB on 2 node(s)" in out
+    # The DDP group on one node, generators and the reward model on the other.
+    for i in range(4):
+        assert f"node 0 gpu {i}  learner-{i}" in out
+    assert "node 1 gpu 3  reward" in out and "suggested split: 3/4, the configured one" in out
+    assert main(["plan", "--config", two, "--nodes", "1", "--gpu-mem-gib", "48", "cluster.gpu_memory_gib=12"]) == 0
+    assert "plan for 8 GPUs of 48 GiB on 1 node(s)" in capsys.readouterr().out
+    assert main(["plan", "--config", two, "cluster.gpu_memory_gib=12"]) == 1  # the learners no longer fit
+    assert "of 12 GiB" in capsys.readouterr().out

@@ -101,10 +101,12 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
 
 def place(actors: list[ActorPlan], *, nodes: int, gpus_per_node: int, gpu_memory: int) -> tuple[list[GPUSlot], list[str]]:
     """First fit, largest share then largest bytes first, filling node 0 before node 1 (the
-    order Ray's PACK strategy uses). Returns the slots and the problems (actors that fit nowhere)."""
+    order Ray's PACK strategy uses). Among equal shares the learner ranks go first, so the DDP
+    group fills one node where it can and its gradient all-reduce stays on that node's PCIe.
+    Returns the slots and the problems (actors that fit nowhere)."""
     slots = [GPUSlot(n, g, gpu_memory) for n in range(nodes) for g in range(gpus_per_node)]
     problems = []
-    for a in sorted((a for a in actors if a.gpus > 0), key=lambda a: (-a.gpus, -a.bytes)):
+    for a in sorted((a for a in actors if a.gpus > 0), key=lambda a: (-a.gpus, a.role != "learner", -a.bytes)):
         if a.bytes > gpu_memory:
             problems.append(f"{a.name} needs {a.bytes / GIB:.1f} GiB, {(a.bytes - gpu_memory) / GIB:.1f} GiB more than "
                             f"one GPU's {gpu_memory / GIB:.1f} GiB ({_largest(a)}); {_fix(a)}")
