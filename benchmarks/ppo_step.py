@@ -62,23 +62,47 @@ def run_step(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 
 def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Each actor's measured peak beside the planner's estimate for it, then the planner's
+    three checks (plan_check.py)."""
     from rlhf_ray.trainer import PPOTrainer
+
+    from . import plan_check
 
     cfg = bench_config(cfg)
     with PPOTrainer(cfg, progress=False) as tr:
         records = _steps(tr, max(2, args.steps))
+        model_dir, reward_dir, max_len = tr.model_path, tr.reward_path, tr.max_model_len
     mem = records[-1]["memory"]
+    plan = plan_check.actor_estimates(cfg, model_dir, reward_dir, max_len)
     rows = []
     for name, m in sorted(mem.items()):
+        est = plan.get(name, {}).get("bytes")
+        cuda = m.get("cuda_max_allocated_bytes")
         rows.append([name, m["role"], round(m["rss_bytes"] / 2**20, 1), round(m["peak_rss_bytes"] / 2**20, 1),
-                     round(m["cuda_max_allocated_bytes"] / 2**20, 1) if "cuda_max_allocated_bytes" in m else "-"])
+                     round(est / 2**20, 1) if est else "-",
+                     round(cuda / 2**20, 1) if cuda is not None else "-",
+                     round(cuda / est, 2) if cuda is not None and est else "-"])
+        m["planned_bytes"] = est
     total = sum(m["peak_rss_bytes"] for m in mem.values())
-    results = {"per_actor": mem, "sum_of_peaks_bytes": total,
-               "planner_estimate": None,  # no memory planner exists yet in rlhf-ray
+    checks = {"static_bytes": plan_check.static_bytes(cfg, model_dir),
+              "activations": plan_check.activations(cfg),
+              "kv_cache": plan_check.kv_capacity(cfg, model_dir, max_len)}
+    results = {"per_actor": mem, "sum_of_peaks_bytes": total, "planner": plan, "planner_checks": checks,
                "note": "RSS of each actor's process tree (a vLLM engine's worker processes included), "
-                       "sampled every 0.25 s during real PPO steps; peaks shorter than that can be missed."}
-    text = table(["actor", "role", "RSS MiB", "peak RSS MiB", "CUDA max alloc MiB"], rows)
-    text += f"\nsum of peaks: {total / 2**30:.2f} GiB; planner estimate: none (no planner yet)"
+                       "sampled every 0.25 s during real PPO steps; peaks shorter than that can be missed. "
+                       "On CPU the RSS also holds the Python/torch/vLLM runtime (hundreds of MiB), which the "
+                       "plan, made for GPU memory, leaves out: the CUDA peak / plan ratio is the one to read "
+                       "when a GPU is present."}
+    text = table(["actor", "role", "RSS MiB", "peak RSS MiB", "plan MiB", "CUDA max alloc MiB", "CUDA / plan"], rows)
+    a, k, st = checks["activations"], checks["kv_cache"], checks["static_bytes"]
+    text += (f"
+sum of peaks: {total / 2**30:.2f} GiB
+planner checks: static bytes "
+             f"{'equal' if st['equal'] else 'DIFFER'} ({st['measured_bytes']}); activations planned/saved "
+             f"{a['no_checkpointing']['ratio']:.3f} (no checkpointing), {a['checkpointing']['ratio']:.3f} "
+             f"(checkpointing) on a {a['params'] / 1e6:.0f} M bf16 Llama, {a['rows']} x {a['seq_len']} tokens "
+             f"(goal within 15%); KV cache {k['planned_sequences']:.4f} sequences planned vs vLLM's "
+             f"{k['vllm_max_concurrency']:.4f} ({'equal' if k['equal'] else 'DIFFER'})")
     return {"steps": len(records)}, results, text
 
 

@@ -64,3 +64,45 @@ def test_8x3090_config_rehearsed_on_two_nodes_of_four(two_nodes, tmp_path):
     for stage in ("sft", "rm"):
         s = json.loads((run / f"{stage}.json").read_text())
         assert s["workers"] == 8 and s["use_gpu"] is True, s
+
+
+def test_role_bundles_one_per_gpu_fractional_roles_share_a_card():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.launch import role_bundles
+
+    cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml")
+    bundles, index = role_bundles(cfg)
+    assert bundles == [{"GPU": 1.0, "CPU": 0.5}] * 3 + [{"GPU": 1.0, "CPU": 0.25}]
+    assert index == {"rollout-0": 0, "rollout-1": 1, "rollout-2": 2, "reward": 3}
+    # Half-card engines pair up; the reward model's half joins the odd one out; a reference
+    # actor without a GPU gets a CPU bundle of its own.
+    cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml", [
+        "rollout.num_gpus=0.5", "reward.num_gpus=0.5", "reference.mode=actor", "reference.num_gpus=0"])
+    bundles, index = role_bundles(cfg)
+    assert bundles == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 0.75}, {"CPU": 0.25}]
+    assert index == {"rollout-0": 0, "rollout-1": 0, "rollout-2": 1, "reward": 1, "reference": 2}
+    # On a laptop nothing asks for a GPU: one CPU bundle per role.
+    bundles, _ = role_bundles(load_config(ROOT / "configs/tiny_cpu.yaml"))
+    assert bundles == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.25}]
+
+
+def test_rehearsal_config_keeps_every_request_and_shrinks_the_sizes(tmp_path):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.launch import resource_requests
+    from rlhf_ray.rehearse import rehearsal_config
+
+    cfg = load_config(ROOT / "configs/llama31_8b_lora_8x3090.yaml", [f"output.dir={tmp_path}"])
+    reh = rehearsal_config(cfg)
+    assert resource_requests(reh) == resource_requests(cfg)
+    for section in ("sft", "rm"):
+        a, b = getattr(cfg, section), getattr(reh, section)
+        assert (a.num_workers, a.use_gpu, a.num_cpus_per_worker) == (b.num_workers, b.use_gpu, b.num_cpus_per_worker)
+    assert reh.cluster.rehearse and reh.model.dtype == "float32" and reh.ppo.steps <= 2
+    from transformers import AutoConfig
+
+    tiny = AutoConfig.from_pretrained(reh.model.path)
+    assert tiny.model_type == "llama" and tiny.hidden_size == cfg.model.tiny_hidden
+    # Llama-3.1's grouped-query attention (32 query heads, 8 KV heads) stays grouped.
+    assert tiny.num_attention_heads // tiny.num_key_value_heads == 2
+    rope = json.loads((Path(reh.model.path) / "config.json").read_text())
+    assert "500000" in json.dumps(rope)  # the family's rotary base, wherever transformers files it
