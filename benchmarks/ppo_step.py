@@ -95,9 +95,7 @@ def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
                        "when a GPU is present."}
     text = table(["actor", "role", "RSS MiB", "peak RSS MiB", "plan MiB", "CUDA max alloc MiB", "CUDA / plan"], rows)
     a, k, st = checks["activations"], checks["kv_cache"], checks["static_bytes"]
-    text += (f"
-sum of peaks: {total / 2**30:.2f} GiB
-planner checks: static bytes "
+    text += (f"\nsum of peaks: {total / 2**30:.2f} GiB\nplanner checks: static bytes "
              f"{'equal' if st['equal'] else 'DIFFER'} ({st['measured_bytes']}); activations planned/saved "
              f"{a['no_checkpointing']['ratio']:.3f} (no checkpointing), {a['checkpointing']['ratio']:.3f} "
              f"(checkpointing) on a {a['params'] / 1e6:.0f} M bf16 Llama, {a['rows']} x {a['seq_len']} tokens "

@@ -44,6 +44,11 @@ def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
         assert 0.0 <= res["overhead_frac_mean"] < 1.0
     elif name == "memory":
         assert {"rollout-0", "rollout-1", "reward", "learner-0", "learner-1"} <= set(res["per_actor"])
+        assert all(res["per_actor"][a]["planned_bytes"] > 0 for a in ("rollout-0", "reward", "learner-0"))
+        checks = res["planner_checks"]
+        assert checks["static_bytes"]["equal"] and checks["kv_cache"]["equal"], checks
+        for variant in ("checkpointing", "no_checkpointing"):
+            assert checks["activations"][variant]["within_15_percent"], checks["activations"]
     elif name == "scaling":
         assert set(res["by_rollout_actors"]) == {"1", "2"}
     elif name == "learner-memory":
