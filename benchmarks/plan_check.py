@@ -102,7 +102,6 @@ def activations(cfg, rows: int = 2, prompt: int = 64, response: int = 448) -> di
             out["checkpointing" if ckpt else "no_checkpointing"] = {
                 "planned_bytes": planned, "saved_for_backward_bytes": measured, "ratio": ratio,
                 "within_15_percent": abs(ratio - 1) <= ACTIVATION_TOLERANCE}
-            del core
     return out
 
 

@@ -136,6 +136,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
         _nonnegative(self, "num_cpus_per_worker")
+        _check(self.batch_size >= self.num_workers, "batch_size",
+               f"{self.batch_size} is smaller than num_workers={self.num_workers}: every rank needs a row per step")
         _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
                f"must be > 0 or null, got {self.micro_batch_size!r}")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
@@ -168,6 +170,8 @@ class RMConfig:
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
         _nonnegative(self, "num_cpus_per_worker")
+        _check(self.batch_size >= self.num_workers, "batch_size",
+               f"{self.batch_size} is smaller than num_workers={self.num_workers}: every rank needs a row per step")
         _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
                f"must be > 0 or null, got {self.micro_batch_size!r}")
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")

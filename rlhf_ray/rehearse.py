@@ -39,7 +39,6 @@ def rehearsal_config(cfg: Config) -> Config:
                             vocab_size=m.tiny_vocab, max_positions=m.tiny_max_positions, seed=m.seed, like=like)
     lc = cfg.learner
     rows = ROWS_PER_WORKER * lc.num_workers
-    n = cfg.rollout.samples_per_prompt
     small = lambda v, cap: min(v, cap)  # noqa: E731
     return r(
         cfg,

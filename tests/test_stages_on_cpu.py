@@ -36,6 +36,29 @@ def test_sft_learns_the_responses(sft_run):
     assert policy_base(cfg) == s["output"]  # PPO picks the SFT model up as base and reference
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_the_objective_does_not_depend_on_the_worker_layout(stage_cfg, stage):
+    """One worker taking whole batches against two gloo ranks in micro-batches of one row, with
+    batches of 5 (ranks hold 3 and 2 rows: the run must not hang, and each step's loss is the
+    whole batch's per-token / per-pair mean either way). Same seed, same batches, same first
+    loss and held-out figure before training."""
+    def run(*layout):
+        size = "num_examples=40" if stage == "sft" else "num_pairs=40"
+        cfg = stage_cfg(f"{stage}.{size}", f"{stage}.epochs=1", f"{stage}.batch_size=5", *layout,
+                        "rm.base=model", f"{stage}.mode=lora")
+        return run_sft(cfg, progress=False) if stage == "sft" else run_train_rm(cfg, progress=False)
+
+    one = run(f"{stage}.num_workers=1")
+    two = run(f"{stage}.num_workers=2", f"{stage}.micro_batch_size=1", f"{stage}.num_cpus_per_worker=0.5")
+    assert two["workers"] == 2 and one["steps"] == two["steps"]
+    assert two["train_loss_first"] == pytest.approx(one["train_loss_first"], rel=1e-5)
+    if stage == "sft":
+        assert two["heldout_loss_before"] == pytest.approx(one["heldout_loss_before"], rel=1e-5)
+    else:
+        assert two["heldout_before"]["reward_gap"] == pytest.approx(one["heldout_before"]["reward_gap"], rel=1e-4)
+        assert two["heldout_before"]["pairs"] == one["heldout_before"]["pairs"]
+
+
 def test_sft_lora_mode_saves_a_merged_model(stage_cfg, tiny_model_dir):
     from rlhf_ray.models import load_causal_lm
 

@@ -23,7 +23,7 @@ import torch
 from ..algo import ESTIMATORS, masked_mean, ppo_loss
 from ..batch import TokenBatch, to_action_width
 from ..config import Config
-from ..devices import train_device
+from ..devices import data_parallel, train_device
 from ..sync import AdapterVersion, extract_adapter
 from ..telemetry import MemorySampler
 
@@ -56,12 +56,6 @@ class LearnerCore:
         self.model: torch.nn.Module = self.module  # replaced by the DDP wrapper under Ray Train
         self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr)
         self._gen = torch.Generator().manual_seed(cfg.model.seed)
-
-    def frozen_names(self) -> list[str]:
-        """Parameters and buffers DDP must neither broadcast at start-up nor watch: the whole
-        frozen base (13.5 GB for a 7B model in bf16), identical on every rank already."""
-        names = [n for n, p in self.module.named_parameters() if not p.requires_grad]
-        return names + [n for n, _ in self.module.named_buffers()]
 
     # -- requests -----------------------------------------------------------------
     @torch.no_grad()
@@ -165,8 +159,6 @@ def train_loop(config: dict[str, Any]) -> None:
     death (which takes the queues down), ends it."""
     import ray
     import ray.train
-    import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -178,9 +170,7 @@ def train_loop(config: dict[str, Any]) -> None:
         core = LearnerCore(cfg, config["model_path"], rank, world, device=train_device(
             "learner", cfg.learner.use_gpu, cfg.cluster.rehearse))
         if world > 1:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(core.module, core.frozen_names())
-            core.model = ray.train.torch.prepare_model(
-                core.module, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+            core.model = data_parallel(core.module)
         outbox.put(("ready", None, rank, [ray.put(core.adapter(0))] if rank == 0 else None))
         while True:
             msg = inbox.get(block=True)

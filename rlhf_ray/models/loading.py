@@ -41,15 +41,19 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: "torch.device | str | None" = None):
-    """The model in ``dtype``; on a GPU ``device`` it is loaded straight onto it (no full
-    host-memory copy per process, which 8 ranks of a 7B model could not afford)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {}
+def load_pretrained(auto_class, path: str, dtype: str = "float32", device: "torch.device | str | None" = None,
+                    **kwargs):
+    """``auto_class.from_pretrained`` in ``dtype``; on a GPU ``device`` loaded straight onto it
+    (no full host-memory copy per process, which 8 ranks of a 7B model could not afford)."""
     if device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": str(device)}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    return auto_class.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: "torch.device | str | None" = None):
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, path, dtype, device)
 
 
 def peft_lora_config(cfg: LoraConfig, *, init_lora_weights: bool = True, task_type: str = "CAUSAL_LM"):

@@ -30,18 +30,14 @@ def build_reward_model(base_path: str, out_dir: str | Path, seed: int = 0) -> Pa
 def load_reward_model(path: str, dtype: str = "float32", device=None):
     """The reward model in ``dtype``; on a GPU ``device`` loaded straight onto it (a 7B model
     would otherwise pass through 13.5 GB of host memory first)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from .loading import load_tokenizer, torch_dtype
+    from .loading import load_pretrained, load_tokenizer
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"reward.path={path!r}: no config.json in that directory")
-    kwargs = {}
-    if device is not None and torch.device(device).type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    model = load_pretrained(AutoModelForSequenceClassification, path, dtype, device)
     if model.config.num_labels != 1:
         raise ValueError(f"reward.path={path!r}: the head has {model.config.num_labels} outputs, expected 1")
     tok = load_tokenizer(path)

@@ -2,7 +2,6 @@
 the meta device (no weights, no memory), so a 7B plan runs on a laptop, offline."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

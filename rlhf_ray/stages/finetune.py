@@ -3,6 +3,7 @@
 bar), and saving a model (LoRA merged) with its tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,16 +16,25 @@ import torch
 from ..config import Config
 
 
-def train_epochs(params: Sequence[torch.nn.Parameter], examples: list, *, batch_size: int, epochs: int,
+def train_epochs(model, params: Sequence[torch.nn.Parameter], examples: list, *, batch_size: int, epochs: int,
                  lr: float, seed: int, loss_fn: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
-                 desc: str, progress: bool, max_grad_norm: float = 1.0, rank: int = 0, world: int = 1,
+                 count_fn: Callable[[list], int], desc: str, progress: bool, device: torch.device,
+                 max_grad_norm: float = 1.0, rank: int = 0, world: int = 1,
                  micro_batch_size: Optional[int] = None) -> list[dict[str, float]]:
-    """Minibatch training; ``loss_fn(rows) -> (loss, stats)``. Every rank draws the same
-    shuffled batches (same seed) and trains on its rows ``batch[rank::world]`` in micro-batches
-    of ``micro_batch_size``, so each optimizer step sees the whole batch once over the ranks
-    (DDP averages the gradients). A batch with fewer rows than ranks is skipped on every rank
-    (each must run the same number of backward passes). Returns this rank's stats per step."""
+    """Minibatch training of ``model`` (the DDP wrapper under several ranks).
+
+    ``loss_fn(rows) -> (loss summed over the rows' units, {stat: sum})`` and ``count_fn(rows)``
+    the units (response tokens, pairs). Every rank draws the same shuffled batches (same seed)
+    and trains on its rows ``batch[rank::world]`` in micro-batches of ``micro_batch_size``; each
+    micro-batch's sum is divided by the whole batch's units (every rank counts them from the
+    same batch) and multiplied by ``world`` (DDP averages over ranks), so the objective is the
+    batch's per-unit mean whatever the layout. Gradients are all-reduced once per step (the
+    other micro-batches run under ``no_sync``), so ranks holding different numbers of rows stay
+    in step; a batch with fewer rows than ranks is skipped on every rank. Returns per-step
+    means over the whole batch (``loss`` and each stat)."""
     from tqdm import tqdm
+
+    from ..devices import all_sum
 
     rng = random.Random(seed)
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
@@ -33,6 +43,7 @@ def train_epochs(params: Sequence[torch.nn.Parameter], examples: list, *, batch_
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
     history = []
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress or rank != 0)
     for _ in range(epochs):
@@ -40,24 +51,27 @@ def train_epochs(params: Sequence[torch.nn.Parameter], examples: list, *, batch_
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
             bar.update(1)
-            batch = order[i:i + batch_size]
+            batch = [examples[j] for j in order[i:i + batch_size]]
             if len(batch) < world:
                 continue
-            rows = [examples[j] for j in batch[rank::world]]
+            units = count_fn(batch)
+            rows = batch[rank::world]
             micro = micro_batch_size or len(rows)
+            parts = [rows[k:k + micro] for k in range(0, len(rows), micro)]
             opt.zero_grad(set_to_none=True)
-            loss_sum, stats = 0.0, {}
-            for k in range(0, len(rows), micro):
-                part = rows[k:k + micro]
-                loss, stats = loss_fn(part)
-                # Each micro-batch's mean weighted by its share of the rank's rows.
-                (loss * (len(part) / len(rows))).backward()
-                loss_sum += float(loss.detach()) * len(part) / len(rows)
+            sums: dict[str, float] = {"loss": 0.0}
+            for k, part in enumerate(parts):
+                with no_sync() if k < len(parts) - 1 else contextlib.nullcontext():
+                    loss, stats = loss_fn(part)
+                    (loss * (world / max(units, 1))).backward()
+                sums["loss"] += float(loss.detach())
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()
-            history.append({**stats, "loss": loss_sum})
-            bar.set_postfix(loss=f"{loss_sum:.3f}")
+            history.append(dict(zip(sums, (v / max(units, 1) for v in all_sum(list(sums.values()), device)))))
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     bar.close()
     return history
 
@@ -105,10 +119,26 @@ def prepare_for_training(model, use_checkpointing: bool, world: int):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     if world > 1:
-        import ray.train.torch
+        from ..devices import data_parallel
 
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+        return data_parallel(model)
     return model
+
+
+def eval_chunks(rows: list, chunk: int, rank: int, world: int) -> list[list]:
+    """This rank's share of an evaluation set, in forwards of ``chunk`` rows: every rank
+    evaluates (sums are all-reduced) instead of seven GPUs waiting on one."""
+    mine = rows[rank::world]
+    return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
+
+
+def read_stage_summary(out: Path, stage: str) -> dict[str, Any]:
+    """What rank 0 wrote beside the model it saved, read back by the driver."""
+    path = out / "stage.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{stage}: rank 0 saved the model on its node, but {path} is not visible here; "
+                                "on more than one node output.dir must be storage every node sees (NFS)")
+    return json.loads(path.read_text())
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

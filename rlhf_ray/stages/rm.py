@@ -14,8 +14,8 @@ import torch
 from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, pad_right, prepare_for_training, run_on_workers, save_model, train_epochs,
-                       worker_threads, write_summary)
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, read_stage_summary, run_on_workers,
+                       save_model, train_epochs, worker_threads, write_summary)
 from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
@@ -73,36 +73,50 @@ def _rewards(model, seqs: list[list[int]], pad_id: int, device=None) -> torch.Te
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 
-def _pair_loss(model, batch: list[tuple], pad_id: int, device=None) -> tuple[torch.Tensor, dict[str, float]]:
+def _pair_loss_sum(model, batch: list[tuple], pad_id: int, device=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ranking loss summed over the batch's pairs, and how many it ranks right."""
     n = len(batch)
     rewards = _rewards(model, [b[0] for b in batch] + [b[1] for b in batch], pad_id, device)
     chosen, rejected = rewards[:n], rewards[n:]
     margin = torch.tensor([b[2] for b in batch], device=rewards.device)
-    loss = pairwise_reward_loss(chosen, rejected, margin)
-    return loss, {"accuracy": float((chosen > rejected).float().mean())}
+    loss = pairwise_reward_loss(chosen, rejected, margin) * n
+    return loss, {"accuracy": float((chosen > rejected).float().sum())}
+
+
+def _scores(model, seqs: list[list[int]], pad_id: int, chunk: int, device, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the rewards of ``seqs`` (in order of ``seqs[rank::world]``)."""
+    parts = [_rewards(model, b, pad_id, device).cpu() for b in eval_chunks(seqs, chunk, rank, world)]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[tuple], pad_id: int, batch_size: int, device=None) -> dict[str, float]:
-    """Held-out pair accuracy (chosen scored above rejected) and reward gap."""
+def evaluate_pairs(model, pairs: list[tuple], pad_id: int, chunk: int, device=None, rank: int = 0,
+                   world: int = 1) -> dict[str, float]:
+    """Held-out pair accuracy (chosen scored above rejected) and reward gap, shared out over the ranks."""
+    from ..devices import all_sum
+
     model.eval()
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        b = pairs[i:i + batch_size]
-        chosen.append(_rewards(model, [x[0] for x in b], pad_id, device))
-        rejected.append(_rewards(model, [x[1] for x in b], pad_id, device))
+    c = _scores(model, [x[0] for x in pairs], pad_id, chunk, device, rank, world)
+    r = _scores(model, [x[1] for x in pairs], pad_id, chunk, device, rank, world)
     model.train()
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    return {"accuracy": float((c > r).float().mean()), "reward_gap": float((c - r).mean()),
-            "reward_gap_std": float((c - r).std()) if len(c) > 1 else 0.0, "pairs": len(c)}
+    gap = (c - r).double()
+    n, right, s1, s2 = all_sum([len(gap), float((gap > 0).sum()), float(gap.sum()), float((gap ** 2).sum())], device)
+    mean = s1 / n
+    var = (s2 - n * mean ** 2) / (n - 1) if n > 1 else 0.0
+    return {"accuracy": right / n, "reward_gap": mean, "reward_gap_std": max(var, 0.0) ** 0.5, "pairs": int(n)}
 
 
 @torch.no_grad()
-def reward_scale(model, pairs: list[tuple], pad_id: int, batch_size: int, device=None) -> dict[str, float]:
+def reward_scale(model, pairs: list[tuple], pad_id: int, chunk: int, device=None, rank: int = 0,
+                 world: int = 1) -> dict[str, float]:
+    from ..devices import all_sum
+
     model.eval()
-    scores = torch.cat([_rewards(model, [s for x in pairs[i:i + batch_size] for s in x[:2]], pad_id, device)
-                        for i in range(0, len(pairs), batch_size)])
-    return {"mean": float(scores.mean()), "std": float(scores.std().clamp_min(1e-6))}
+    x = _scores(model, [s for p in pairs for s in p[:2]], pad_id, chunk, device, rank, world).double()
+    n, s1, s2 = all_sum([len(x), float(x.sum()), float((x ** 2).sum())], device)
+    mean = s1 / n
+    std = (max(s2 - n * mean ** 2, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": max(std, 1e-6)}
 
 
 def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -129,7 +143,7 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                "workers": rc.num_workers, "use_gpu": rc.use_gpu}
     run_on_workers(cfg, "rm", _rm_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
                                            "summary": summary, "progress": progress})
-    summary = json.loads((out / "stage.json").read_text())
+    summary = read_stage_summary(out, "rm")
     summary["time_s"] = clock()
     write_summary(cfg.output.run_dir.resolve(), "rm", summary)
     return summary
@@ -142,7 +156,7 @@ def _rm_worker(config: dict) -> None:
 
     from ..devices import train_device
     from ..models import add_lora, load_tokenizer
-    from ..models.loading import torch_dtype
+    from ..models.loading import load_pretrained
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     rc = cfg.rm
@@ -155,9 +169,7 @@ def _rm_worker(config: dict) -> None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score head newly initialised" is the point here
     try:
-        kwargs = {"device_map": {"": str(device)}} if device.type != "cpu" else {}
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
-                                                                   dtype=torch_dtype(cfg.model.dtype), **kwargs)
+        model = load_pretrained(AutoModelForSequenceClassification, base, cfg.model.dtype, device, num_labels=1)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -165,19 +177,22 @@ def _rm_worker(config: dict) -> None:
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
     params = [p for p in model.parameters() if p.requires_grad]
     pad = tokenizer.pad_token_id
-    before = evaluate_pairs(model, held, pad, rc.batch_size, device) if rank == 0 else None
+    chunk = rc.micro_batch_size or rc.batch_size
+    before = evaluate_pairs(model, held, pad, chunk, device, rank, world)
     model.train()
     ddp = prepare_for_training(model, rc.gradient_checkpointing, world)
-    history = train_epochs(params, train, batch_size=rc.batch_size, epochs=rc.epochs, lr=rc.lr, seed=rc.seed,
-                           loss_fn=lambda b: _pair_loss(ddp, b, pad, device), desc="train-rm",
-                           progress=config["progress"], rank=rank, world=world, micro_batch_size=rc.micro_batch_size)
-    if rank != 0:
-        return
+    history = train_epochs(ddp, params, train, batch_size=rc.batch_size, epochs=rc.epochs, lr=rc.lr, seed=rc.seed,
+                           loss_fn=lambda b: _pair_loss_sum(ddp, b, pad, device), count_fn=len, desc="train-rm",
+                           progress=config["progress"], device=device, rank=rank, world=world,
+                           micro_batch_size=rc.micro_batch_size)
     if rc.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    after = evaluate_pairs(model, held, pad, rc.batch_size, device)
-    # A sample is enough for a mean and a std; all pairs of a large set would be hours on one 7B GPU.
-    scale = reward_scale(model, train[:SCALE_PAIRS], pad, rc.batch_size, device)
+    after = evaluate_pairs(model, held, pad, chunk, device, rank, world)
+    # A sample is enough for a mean and a std; all pairs of a large set would be hours on 7B.
+    scale = reward_scale(model, random.Random(rc.seed).sample(train, min(len(train), SCALE_PAIRS)), pad, chunk,
+                         device, rank, world)
+    if rank != 0:
+        return
     out = Path(config["summary"]["output"])
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],

@@ -3,7 +3,6 @@
 randomly initialised tiny model needs); ``lora`` trains an adapter and merges it on save."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -12,8 +11,8 @@ import torch
 
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, pad_right, prepare_for_training, run_on_workers, save_model, train_epochs,
-                       worker_threads, write_summary)
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, read_stage_summary, run_on_workers,
+                       save_model, train_epochs, worker_threads, write_summary)
 from . import sft_dir
 
 
@@ -44,24 +43,29 @@ def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadR
     return out
 
 
-def _lm_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> torch.Tensor:
+def _lm_loss_sum(model, batch: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> torch.Tensor:
+    """Cross-entropy summed over the batch's labelled tokens (``_tokens`` counts them)."""
     ids, mask = pad_right([b[0] for b in batch], pad_id)
     labels, _ = pad_right([b[1] for b in batch], pad_id, fill=-100)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+                                             labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100,
+                                             reduction="sum")
+
+
+def _tokens(batch: list[tuple[list[int], list[int]]]) -> int:
+    return sum(sum(1 for x in lab[1:] if x != -100) for _, lab in batch)
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list, pad_id: int, batch_size: int, device=None) -> float:
+def eval_loss(model, examples: list, pad_id: int, chunk: int, device=None, rank: int = 0, world: int = 1) -> float:
+    """Mean loss per labelled token over ``examples``, shared out over the ranks."""
+    from ..devices import all_sum
+
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = examples[i:i + batch_size]
-        tokens = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in b)
-        total += float(_lm_loss(model, b, pad_id, device)) * tokens
-        n += tokens
+    total = sum(float(_lm_loss_sum(model, b, pad_id, device)) for b in eval_chunks(examples, chunk, rank, world))
     model.train()
+    total, n = all_sum([total, _tokens(examples[rank::world])], device)
     return total / max(n, 1)
 
 
@@ -91,7 +95,7 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                "use_gpu": sc.use_gpu}
     run_on_workers(cfg, "sft", _sft_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
                                              "summary": summary, "progress": progress})
-    summary = json.loads((out / "stage.json").read_text())
+    summary = read_stage_summary(out, "sft")
     summary["time_s"] = clock()
     write_summary(cfg.output.run_dir.resolve(), "sft", summary)
     return summary
@@ -116,16 +120,18 @@ def _sft_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     pad = load_tokenizer(base).pad_token_id
-    before = eval_loss(model, held, pad, sc.batch_size, device) if held and rank == 0 else None
+    chunk = sc.micro_batch_size or sc.batch_size
+    before = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
     ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
-    history = train_epochs(params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr, seed=sc.seed,
-                           loss_fn=lambda b: (_lm_loss(ddp, b, pad, device), {}), desc="sft",
-                           progress=config["progress"], rank=rank, world=world, micro_batch_size=sc.micro_batch_size)
-    if rank != 0:
-        return
+    history = train_epochs(ddp, params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr, seed=sc.seed,
+                           loss_fn=lambda b: (_lm_loss_sum(ddp, b, pad, device), {}), count_fn=_tokens, desc="sft",
+                           progress=config["progress"], device=device, rank=rank, world=world,
+                           micro_batch_size=sc.micro_batch_size)
     if sc.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    after = eval_loss(model, held, pad, sc.batch_size, device) if held else None
+    after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+    if rank != 0:
+        return
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
                "heldout_loss_before": before, "heldout_loss_after": after}
