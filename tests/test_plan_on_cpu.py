@@ -1,5 +1,5 @@
 """The memory planner against shapes written here and against what torch and vLLM allocate."""
-import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,10 @@ from rlhf_ray.plan.memory import kv_cache_sequences, learner_bytes
 from test_cli_on_cpu import rlhf_ray
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks package, whose planner checks these tests share
+from benchmarks import plan_check  # noqa: E402
+
+_core, _batch = plan_check._core, plan_check._batch
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -27,45 +31,12 @@ def test_exact_counts_from_config_json_alone():
         model_shape(str(ROOT / "configs/models/llama-2-7b"), 16, ["q_proj", "gate_proj2"])
 
 
-def _core(cfg, model_dir, **learner):
-    from rlhf_ray.actors.learner import LearnerCore
-
-    cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_workers=1, **learner))
-    return cfg, LearnerCore(cfg, model_dir)
-
-
-def _batch(rows, prompt, response, vocab):
-    from rlhf_ray.batch import TokenBatch
-
-    g = torch.Generator().manual_seed(0)
-    seq = prompt + response
-    mask = torch.zeros(rows, seq - 1)
-    mask[:, prompt - 1:] = 1
-    return TokenBatch(torch.randint(3, vocab, (rows, seq), generator=g), torch.ones(rows, seq, dtype=torch.long),
-                      mask, torch.zeros(rows, seq - 1))
-
-
 def test_static_bytes_equal_what_the_learner_allocates(tiny_cfg, tiny_model_dir):
-    cfg, core = _core(tiny_cfg, tiny_model_dir, minibatch_size=4, micro_batch_size=4)
-    b = _batch(4, 6, 10, tiny_cfg.model.tiny_vocab)
-    ev = core.evaluate(b)
-    b.old_logprobs, b.old_values = ev["old_logprobs"], ev["old_values"]
-    b.advantages, b.returns = b.action_mask.clone(), b.action_mask.clone()
-    core.update(b)
-    shape = model_shape(tiny_model_dir, cfg.lora.rank, list(cfg.lora.target_modules))
-    plan = learner_bytes(shape, dtype="float32", lora_rank=cfg.lora.rank, targets=list(cfg.lora.target_modules),
-                         critic=True, micro_batch=1, seq_len=16, response_tokens=10, chunk_tokens=2048,
-                         checkpointing=False, truncation=False)
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    frozen = [p for p in core.module.parameters() if not p.requires_grad]
-    trainable = [p for p in core.module.parameters() if p.requires_grad]
-    lora = [p for n, p in core.module.named_parameters() if "lora_" in n]
-    assert nbytes(frozen) == plan.weights
-    assert nbytes(lora) == plan.adapter
-    assert nbytes(trainable) - nbytes(lora) == plan.value_head // 4
-    assert nbytes(p.grad for p in trainable) == plan.gradients + plan.value_head // 4
-    states = [t for s in core.optimizer.state.values() for t in s.values() if t.dim() > 0]
-    assert nbytes(states) == plan.optimizer + plan.value_head // 2
+    """benchmarks/plan_check.py's check (the one `bench memory` records): the planner's weights,
+    adapter, gradients and AdamW state against the tensors a LearnerCore holds after an update."""
+    check = plan_check.static_bytes(tiny_cfg, tiny_model_dir)
+    assert check["equal"], check
+    assert check["measured_bytes"]["adapter"] > 0 and check["measured_bytes"]["optimizer"] > 0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
