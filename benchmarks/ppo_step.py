@@ -86,7 +86,7 @@ def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     total = sum(m["peak_rss_bytes"] for m in mem.values())
     checks = {"static_bytes": plan_check.static_bytes(cfg, model_dir),
               "activations": plan_check.activations(cfg),
-              "kv_cache": plan_check.kv_capacity(cfg, model_dir, max_len)}
+              "kv_cache": plan_check.kv_capacity(cfg, model_dir, max_len)} if args.plan_checks else {}
     results = {"per_actor": mem, "sum_of_peaks_bytes": total, "planner": plan, "planner_checks": checks,
                "note": "RSS of each actor's process tree (a vLLM engine's worker processes included), "
                        "sampled every 0.25 s during real PPO steps; peaks shorter than that can be missed. "
@@ -94,8 +94,11 @@ def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
                        "plan, made for GPU memory, leaves out: the CUDA peak / plan ratio is the one to read "
                        "when a GPU is present."}
     text = table(["actor", "role", "RSS MiB", "peak RSS MiB", "plan MiB", "CUDA max alloc MiB", "CUDA / plan"], rows)
+    text += f"\nsum of peaks: {total / 2**30:.2f} GiB"
+    if not checks:
+        return {"steps": len(records), "plan_checks": False}, results, text
     a, k, st = checks["activations"], checks["kv_cache"], checks["static_bytes"]
-    text += (f"\nsum of peaks: {total / 2**30:.2f} GiB\nplanner checks: static bytes "
+    text += (f"\nplanner checks: static bytes "
              f"{'equal' if st['equal'] else 'DIFFER'} ({st['measured_bytes']}); activations planned/saved "
              f"{a['no_checkpointing']['ratio']:.3f} (no checkpointing), {a['checkpointing']['ratio']:.3f} "
              f"(checkpointing) on a {a['params'] / 1e6:.0f} M bf16 Llama, {a['rows']} x {a['seq_len']} tokens "

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mid-size", action=argparse.BooleanOptionalAction, default=True,
                            help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
+            p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
+                           help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "
+                                "runs the same checks)")
         if name == "plan":
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
             p.add_argument("--gpu-mem-gib", type=float, default=None,

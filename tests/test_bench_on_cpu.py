@@ -12,7 +12,7 @@ TINY_ARGS = {
     "rollout": ["--repeats", "1", "--num-prompts", "4"],
     "sync": ["--publishes", "3", "--soak", "5"],
     "step": ["--steps", "1"],
-    "memory": ["--steps", "2"],
+    "memory": ["--steps", "2", "--no-plan-checks"],  # test_plan_on_cpu.py runs the same checks
     "scaling": ["--steps", "1", "--max-actors", "2"],
     "compare-trl": ["--trl-steps", "1", "eval.num_prompts=4"],
     "learner-memory": ["--no-mid-size", "--rows", "4", "--seq-len", "64"],
@@ -45,10 +45,6 @@ def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
     elif name == "memory":
         assert {"rollout-0", "rollout-1", "reward", "learner-0", "learner-1"} <= set(res["per_actor"])
         assert all(res["per_actor"][a]["planned_bytes"] > 0 for a in ("rollout-0", "reward", "learner-0"))
-        checks = res["planner_checks"]
-        assert checks["static_bytes"]["equal"] and checks["kv_cache"]["equal"], checks
-        for variant in ("checkpointing", "no_checkpointing"):
-            assert checks["activations"][variant]["within_15_percent"], checks["activations"]
     elif name == "scaling":
         assert set(res["by_rollout_actors"]) == {"1", "2"}
     elif name == "learner-memory":

@@ -96,7 +96,9 @@ def run_on_workers(cfg: Config, stage: str, fn: Callable[[dict], None], config: 
     from ..launch import RoleFailed, connect, preflight, stage_requests, torch_config
 
     sc = getattr(cfg, stage)
-    connect(cfg)
+    how = connect(cfg)
+    if how != "already connected":
+        print(f"ray: {how}")
     preflight(cfg, stage_requests(stage, sc))
     trainer = TorchTrainer(
         fn, train_loop_config=config,

@@ -175,6 +175,7 @@ def _rm_worker(config: dict) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     if rc.mode == "lora":
         model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+        _fp32_score_head(model)
     params = [p for p in model.parameters() if p.requires_grad]
     pad = tokenizer.pad_token_id
     chunk = rc.micro_batch_size or rc.batch_size
@@ -199,6 +200,18 @@ def _rm_worker(config: dict) -> None:
                "heldout_before": before, "heldout_after": after, "normalizer": scale}
     save_model(model, tokenizer, out, summary)
     (out / NORMALIZER).write_text(json.dumps(scale))
+
+
+def _fp32_score_head(model) -> None:
+    """PEFT upcasts the adapter to fp32 but not its trainable copy of the score head; in a bf16
+    model that head's small late updates would round away (a bf16 step near weights of 0.02 is
+    ~1e-4). Train it in fp32, its input cast up to meet it (the learner does the same with its
+    value head)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    score = model.get_submodule("base_model.model.score")
+    score.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
 
 
 def load_normalizer(path: str | Path) -> Optional[dict[str, float]]:
