@@ -113,6 +113,16 @@ class DataConfig:
                f"must be > 0 or null, got {self.prompt_words!r}")
 
 
+def _check_stage_workers(obj: Any) -> None:
+    """The Ray Train keys the SFT and reward-model sections share."""
+    _positive(obj, "num_workers")
+    _nonnegative(obj, "num_cpus_per_worker")
+    _check(obj.batch_size >= obj.num_workers, "batch_size",
+           f"{obj.batch_size} is smaller than num_workers={obj.num_workers}: every rank needs a row per step")
+    _check(obj.micro_batch_size is None or obj.micro_batch_size > 0, "micro_batch_size",
+           f"must be > 0 or null, got {obj.micro_batch_size!r}")
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning (`rlhf-ray sft`); its output becomes PPO's base and reference."""
@@ -134,12 +144,8 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
-        _nonnegative(self, "num_cpus_per_worker")
-        _check(self.batch_size >= self.num_workers, "batch_size",
-               f"{self.batch_size} is smaller than num_workers={self.num_workers}: every rank needs a row per step")
-        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
-               f"must be > 0 or null, got {self.micro_batch_size!r}")
+        _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
+        _check_stage_workers(self)
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
 
@@ -168,12 +174,8 @@ class RMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len", "num_workers")
-        _nonnegative(self, "num_cpus_per_worker")
-        _check(self.batch_size >= self.num_workers, "batch_size",
-               f"{self.batch_size} is smaller than num_workers={self.num_workers}: every rank needs a row per step")
-        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size",
-               f"must be > 0 or null, got {self.micro_batch_size!r}")
+        _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
+        _check_stage_workers(self)
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
