@@ -39,24 +39,23 @@ def rehearsal_config(cfg: Config) -> Config:
                             vocab_size=m.tiny_vocab, max_positions=m.tiny_max_positions, seed=m.seed, like=like)
     lc = cfg.learner
     rows = ROWS_PER_WORKER * lc.num_workers
-    small = lambda v, cap: min(v, cap)  # noqa: E731
     return r(
         cfg,
         model=r(m, path=str(tiny), dtype="float32"),  # fp32: vLLM-CPU and HF log-probs agree
-        data=r(cfg.data, num_prompts=small(cfg.data.num_prompts, 64),
-               max_prompt_tokens=small(cfg.data.max_prompt_tokens, PROMPT_TOKENS)),
-        sft=r(cfg.sft, num_examples=small(cfg.sft.num_examples, 64), epochs=1, batch_size=small(cfg.sft.batch_size, 8),
-              max_seq_len=small(cfg.sft.max_seq_len, 64), output_dir=None),
-        rm=r(cfg.rm, num_pairs=small(cfg.rm.num_pairs, 32), epochs=1, batch_size=small(cfg.rm.batch_size, 8),
-             max_seq_len=small(cfg.rm.max_seq_len, 64), output_dir=None),
-        rollout=r(cfg.rollout, max_new_tokens=small(cfg.rollout.max_new_tokens, NEW_TOKENS), max_model_len=None,
+        data=r(cfg.data, num_prompts=min(cfg.data.num_prompts, 64),
+               max_prompt_tokens=min(cfg.data.max_prompt_tokens, PROMPT_TOKENS)),
+        sft=r(cfg.sft, num_examples=min(cfg.sft.num_examples, 64), epochs=1, batch_size=min(cfg.sft.batch_size, 8),
+              max_seq_len=min(cfg.sft.max_seq_len, 64), output_dir=None),
+        rm=r(cfg.rm, num_pairs=min(cfg.rm.num_pairs, 32), epochs=1, batch_size=min(cfg.rm.batch_size, 8),
+             max_seq_len=min(cfg.rm.max_seq_len, 64), output_dir=None),
+        rollout=r(cfg.rollout, max_new_tokens=min(cfg.rollout.max_new_tokens, NEW_TOKENS), max_model_len=None,
                   kv_cache_mib=KV_CACHE_MIB, gpu_memory_utilization=None, enforce_eager=None),
-        reward=r(cfg.reward, path=None, batch_size=small(cfg.reward.batch_size, 8)),
-        learner=r(lc, minibatch_size=rows, micro_batch_size=small(lc.micro_batch_size, ROWS_PER_WORKER), epochs=1,
-                  logprob_chunk_tokens=small(lc.logprob_chunk_tokens, 8)),
-        ppo=r(cfg.ppo, steps=small(cfg.ppo.steps, STEPS), batch_size=rows),  # x n samples: a multiple of rows
-        eval=r(cfg.eval, num_prompts=small(cfg.eval.num_prompts, 8), samples_per_prompt=1),
-        cluster=r(cfg.cluster, rehearse=True, call_timeout_s=small(cfg.cluster.call_timeout_s, 900.0)),
+        reward=r(cfg.reward, path=None, batch_size=min(cfg.reward.batch_size, 8)),
+        learner=r(lc, minibatch_size=rows, micro_batch_size=min(lc.micro_batch_size, ROWS_PER_WORKER), epochs=1,
+                  logprob_chunk_tokens=min(lc.logprob_chunk_tokens, 8)),
+        ppo=r(cfg.ppo, steps=min(cfg.ppo.steps, STEPS), batch_size=rows),  # x n samples: a multiple of rows
+        eval=r(cfg.eval, num_prompts=min(cfg.eval.num_prompts, 8), samples_per_prompt=1),
+        cluster=r(cfg.cluster, rehearse=True, call_timeout_s=min(cfg.cluster.call_timeout_s, 900.0)),
         output=r(cfg.output, name=f"{cfg.output.name}_rehearsal"),
     )
 

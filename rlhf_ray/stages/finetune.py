@@ -134,13 +134,21 @@ def eval_chunks(rows: list, chunk: int, rank: int, world: int) -> list[list]:
     return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
 
 
-def read_stage_summary(out: Path, stage: str) -> dict[str, Any]:
-    """What rank 0 wrote beside the model it saved, read back by the driver."""
-    path = out / "stage.json"
+def train_stage(cfg: Config, stage: str, fn: Callable[[dict], None], summary: dict[str, Any], clock: "Clock",
+                config: dict) -> dict[str, Any]:
+    """Run a stage's worker ``fn`` (``config`` plus the driver's ``summary``, whose ``output``
+    is the model directory) and return what rank 0 wrote beside the model it saved, timed and
+    stored as ``<run>/<stage>.json``."""
+    path = Path(summary["output"]) / "stage.json"
+    path.unlink(missing_ok=True)  # what the workers write is what is read back
+    run_on_workers(cfg, stage, fn, {**config, "summary": summary})
     if not path.is_file():
         raise FileNotFoundError(f"{stage}: rank 0 saved the model on its node, but {path} is not visible here; "
                                 "on more than one node output.dir must be storage every node sees (NFS)")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    summary["time_s"] = clock()
+    write_summary(cfg.output.run_dir.resolve(), stage, summary)
+    return summary
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,8 @@ import torch
 from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, read_stage_summary, run_on_workers,
-                       save_model, train_epochs, worker_threads, write_summary)
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, train_epochs,
+                       train_stage, worker_threads)
 from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
@@ -137,16 +137,11 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"train-rm: {len(train)} training and {len(held)} held-out pairs left after "
                          f"dropping those over rm.max_seq_len ({'; '.join(r.summary() for r in reports)})")
     out = rm_dir(cfg)
-    (out / "stage.json").unlink(missing_ok=True)  # what the workers write is what is read back
     summary = {"stage": "rm", "base": base, "output": str(out), "mode": rc.mode, "use_margin": rc.use_margin,
                "data": [r.to_dict() for r in reports], "train_pairs": len(train), "heldout_pairs": len(held),
                "workers": rc.num_workers, "use_gpu": rc.use_gpu}
-    run_on_workers(cfg, "rm", _rm_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
-                                           "summary": summary, "progress": progress})
-    summary = read_stage_summary(out, "rm")
-    summary["time_s"] = clock()
-    write_summary(cfg.output.run_dir.resolve(), "rm", summary)
-    return summary
+    return train_stage(cfg, "rm", _rm_worker, summary, clock,
+                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress})
 
 
 def _rm_worker(config: dict) -> None:

@@ -11,8 +11,8 @@ import torch
 
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, read_stage_summary, run_on_workers,
-                       save_model, train_epochs, worker_threads, write_summary)
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, train_epochs,
+                       train_stage, worker_threads)
 from . import sft_dir
 
 
@@ -89,16 +89,11 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     n_eval = int(len(examples) * sc.eval_fraction)
     held, train = examples[:n_eval], examples[n_eval:]
     out = sft_dir(cfg)
-    (out / "stage.json").unlink(missing_ok=True)  # what the workers write is what is read back
     summary = {"stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
                "train_examples": len(train), "heldout_examples": len(held), "workers": sc.num_workers,
                "use_gpu": sc.use_gpu}
-    run_on_workers(cfg, "sft", _sft_worker, {"cfg": cfg, "base": base, "train": train, "held": held,
-                                             "summary": summary, "progress": progress})
-    summary = read_stage_summary(out, "sft")
-    summary["time_s"] = clock()
-    write_summary(cfg.output.run_dir.resolve(), "sft", summary)
-    return summary
+    return train_stage(cfg, "sft", _sft_worker, summary, clock,
+                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress})
 
 
 def _sft_worker(config: dict) -> None:
