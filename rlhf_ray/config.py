@@ -318,10 +318,13 @@ class PPOConfig:
     # to the limit), give it truncated_penalty instead of its score, or mask it (no reward, no loss).
     truncated: str = "penalty"
     truncated_penalty: float = -1.0  # in reward units (the reward model's scores are unit-scale)
+    # NaN/inf in rewards, advantages, the loss or the gradients skips that update (counted in the
+    # metrics); this many bad steps in a row stop the run (the last checkpoint stays valid).
+    max_bad_steps: int = 3
 
     def __post_init__(self) -> None:
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
-        _positive(self, "steps", "batch_size", "clip_eps", "value_clip_eps", "kl_horizon")
+        _positive(self, "steps", "batch_size", "clip_eps", "value_clip_eps", "kl_horizon", "max_bad_steps")
         _unit_interval(self, "gamma", "lam")
         _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef!r}")
         _check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef!r}")
@@ -351,11 +354,19 @@ class ClusterConfig:
     # Rehearsal (`--rehearse`): every role keeps its resource requests and placement, but
     # computes on CPU, so a CPU-only cluster that declares logical GPUs runs the GPU layout.
     rehearse: bool = False
+    # A reward, reference or rollout actor that dies (or hangs past call_timeout_s) is started
+    # again and its call retried, at most this many times per role over the run.
+    max_role_restarts: int = 3
+    # The local head's dashboard listens here only; 0.0.0.0 exposes it (and job submission)
+    # to the network, which a shared machine should do only behind token authentication.
+    dashboard_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
                f"must be >= 1 or null, got {self.num_cpus!r}")
         _positive(self, "call_timeout_s", "nodes", "gpu_memory_gib")
+        _check(self.max_role_restarts >= 0, "max_role_restarts", f"must be >= 0, got {self.max_role_restarts!r}")
+        _check(bool(self.dashboard_host), "dashboard_host", "must be a host address, e.g. 127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -377,6 +388,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Everything the next PPO step depends on, written atomically to
+    ``<run>/checkpoints/step-NNNNNN`` so ``rlhf-ray train --resume`` continues the run."""
+
+    every: int = 0  # PPO steps between checkpoints (0 = none; the final adapter is still saved)
+    keep: int = 2  # the newest this many checkpoints are kept, older ones removed
+
+    def __post_init__(self) -> None:
+        _nonnegative(self, "every")
+        _positive(self, "keep")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -391,6 +415,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         # Checks that span sections; keys are given in full.
