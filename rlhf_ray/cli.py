@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -61,14 +62,17 @@ def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ppo(cfg: Config) -> list[dict]:
+def _ppo(cfg: Config, resume=None) -> list[dict]:
     from .trainer import PPOTrainer
 
-    with PPOTrainer(cfg) as trainer:
+    with PPOTrainer(cfg, resume=resume) as trainer:
         print(f"ray: {trainer.how_connected}; start-up {trainer.startup_s:.1f}s; "
               f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
               f"reference.mode={cfg.reference.mode}")
-        return trainer.run()
+        if trainer.resumed_from is not None:
+            print(f"resumed from {trainer.resumed_from.path} (step {trainer.step_index}, adapter version "
+                  f"{trainer.version}); {max(0, cfg.ppo.steps - trainer.step_index)} of ppo.steps={cfg.ppo.steps} to go")
+        return trainer.previous_records + trainer.run()
 
 
 def _finish(cfg: Config, records: list[dict]) -> None:
@@ -84,10 +88,30 @@ def _finish(cfg: Config, records: list[dict]) -> None:
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    if cfg.cluster.rehearse:
+    resume = None
+    if args.resume is not None:
+        cfg, resume = _resume_target(cfg, args)
+    elif cfg.cluster.rehearse:
         _rehearsal_inputs(cfg, args)
-    _finish(cfg, _ppo(cfg))
+    _finish(cfg, _ppo(cfg, resume))
     return 0
+
+
+def _resume_target(cfg: Config, args: argparse.Namespace):
+    """(config, checkpoint) of ``train --resume [DIR]``: DIR is a run or checkpoint directory
+    (default: this config's run directory). Without --config the run's own config.yaml is
+    used (with the command line's overrides), and the run continues in its directory."""
+    import dataclasses
+    from pathlib import Path
+
+    from .checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(Path(args.resume) if args.resume else cfg.output.run_dir)
+    run_dir = ckpt.parent.parent.resolve()
+    if args.config is None and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml", args.all_overrides)
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(run_dir.parent),
+                                                               name=run_dir.name)), ckpt
 
 
 def _rehearsal_inputs(cfg: Config, args: argparse.Namespace) -> None:
@@ -268,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rehearse", action="store_true",
                            help="run this config's actors, resource requests and placement with a tiny model of the "
                                 "same family on CPU (a CPU-only cluster declaring logical GPUs is enough)")
+        if name == "train":
+            p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                           help="continue from the newest checkpoint of DIR (a run directory, default this "
+                                "config's) or from DIR itself when it is a checkpoint")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")
@@ -283,8 +311,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "resume", None) and "=" in args.resume and not os.path.isdir(args.resume):
+        # `train --resume key=value`: the override, not a directory, followed the flag.
+        extra.insert(0, args.resume)
+        args.resume = ""
+    args.all_overrides = [*args.overrides, *extra]
     try:
-        cfg = load_config(args.config, [*args.overrides, *extra])
+        cfg = load_config(args.config, args.all_overrides)
     except ConfigError as e:
         print(f"rlhf-ray: config error: {e}", file=sys.stderr)
         return 2
@@ -298,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = rehearsal_config(cfg)
             print(describe(cfg))
         return fn(cfg, args)
+    except ConfigError as e:  # found after loading: a --resume target, a model that does not fit
+        print(f"rlhf-ray {args.command}: config error: {e}", file=sys.stderr)
+        return 2
     except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
         # Data, model and role errors name their file/key/role; a traceback adds nothing.
         print(f"rlhf-ray {args.command}: {e}", file=sys.stderr)

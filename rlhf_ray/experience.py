@@ -39,7 +39,7 @@ class ExperienceMaker:
 
     def score(self, samples: Samples) -> tuple[torch.Tensor, float]:
         scores, compute_s = call("reward", self.reward.score_timed.remote(samples.prompts, samples.responses),
-                                 self.timeout)
+                                 self.timeout, restarts=self.cfg.cluster.max_role_restarts)
         return torch.tensor(scores, dtype=torch.float32), compute_s
 
     def old_and_reference(self, batch: TokenBatch) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float]:
@@ -57,7 +57,8 @@ class ExperienceMaker:
         old = torch.cat([e["old_logprobs"] for e in evaluated])[:n]
         values = (torch.cat([e["old_values"] for e in evaluated])[:n]
                   if evaluated[0]["old_values"] is not None else None)
-        ref = (call("reference", ref_ref, self.timeout) if ref_ref is not None
+        ref = (call("reference", ref_ref, self.timeout, restarts=self.cfg.cluster.max_role_restarts)
+               if ref_ref is not None
                else torch.cat([e["ref_logprobs"] for e in evaluated]))[:n]
         return old, values, ref, max(e["compute_s"] for e in evaluated)
 

@@ -3,11 +3,12 @@ before they take any prompt), dealt prompts, given new adapter versions, scaled 
 Its size is independent of the learner's."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 from .batch import Samples
 from .config import Config
-from .launch import RolePlacement, call, spawn
+from .launch import RoleFailed, RolePlacement, call, spawn
 
 
 def request_seed(seed: int, step: int, prompt: int) -> int:
@@ -25,6 +26,11 @@ class RolloutFleet:
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0
         self.latest_adapter = None
+        # Generators that died or hung and were replaced: (old name, new name, why).
+        self.replaced: list[tuple[str, str, str]] = []
+        # Called once a step's requests are dispatched and before any reply is read; fault
+        # tests kill a generator here, which is "mid-step" by construction.
+        self.after_dispatch: Optional[Callable[[], None]] = None
 
     def start(self, adapter_ref) -> None:
         """Spawn ``rollout.num_actors`` engines (they load in parallel), then attach each."""
@@ -62,10 +68,45 @@ class RolloutFleet:
         _stop(gen)
         return gen[0]
 
+    def replace(self, name: str, why: RoleFailed) -> tuple[str, Any]:
+        """A new generator in place of ``name`` (dead or hung), serving the latest adapter
+        before it takes any prompt. At most ``cluster.max_role_restarts`` over the run."""
+        import ray
+
+        limit = self.cfg.cluster.max_role_restarts
+        if len(self.replaced) >= limit:
+            raise RoleFailed(name, f"{why} -- and the rollout fleet has already replaced {len(self.replaced)} "
+                             f"generator(s), the most cluster.max_role_restarts={limit} allows", why.kind) from why
+        i = next(k for k, (n, _) in enumerate(self.members) if n == name)
+        try:
+            ray.kill(self.members[i][1])  # a hung one still holds its GPU share
+        except Exception:
+            pass
+        new = self._spawn()
+        print(f"rlhf-ray: {name} {why.kind or 'failed'} ({why}); replaced by {new[0]}", file=sys.stderr)
+        call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.timeout)
+        self.members[i] = new
+        self.replaced.append((name, new[0], str(why)))
+        return new
+
+    def _call_or_replace(self, name: str, ref: Any, send: Callable[[Any], Any]) -> Any:
+        """The reply to ``ref`` from generator ``name``; when it died or hung, ``send(handle)``
+        asks its replacement again (the same request: per-request seeds give the same samples)."""
+        while True:
+            try:
+                return call(name, ref, self.timeout)
+            except RoleFailed as e:
+                if not e.recoverable:
+                    raise
+                name, handle = self.replace(name, e)
+                ref = send(handle)
+
     def publish(self, adapter_ref) -> list[dict]:
-        """Every generator serves ``adapter_ref`` before this returns."""
+        """Every generator serves ``adapter_ref`` before this returns (a generator found dead
+        here is replaced, and its replacement starts on ``adapter_ref``)."""
         self.latest_adapter = adapter_ref
-        return call("rollout", [h.load_adapter.remote(adapter_ref) for _, h in self.members], self.timeout)
+        refs = [(name, h.load_adapter.remote(adapter_ref)) for name, h in self.members]
+        return [self._call_or_replace(name, ref, lambda h: h.load_adapter.remote(adapter_ref)) for name, ref in refs]
 
     def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
                  seeds: Optional[list[int]] = None) -> Samples:
@@ -73,12 +114,19 @@ class RolloutFleet:
         engine), returned in prompt order with ``prompt_index`` into ``prompt_ids``."""
         k = len(self.members)
         chunks = [list(range(len(prompt_ids)))[i::k] for i in range(k)]
-        refs = [(name, h.generate.remote([prompt_ids[j] for j in c],
-                                         [seeds[j] for j in c] if seeds is not None else None, n), c)
-                for (name, h), c in zip(self.members, chunks) if c]
+
+        def send(handle, c):
+            return handle.generate.remote([prompt_ids[j] for j in c],
+                                          [seeds[j] for j in c] if seeds is not None else None, n)
+
+        refs = [(name, send(h, c), c) for (name, h), c in zip(self.members, chunks) if c]
+        if self.after_dispatch is not None:
+            self.after_dispatch()
         parts = []
         for name, ref, c in refs:
-            part = call(name, ref, self.timeout)
+            # A generator lost mid-step: its whole share is generated again by a replacement
+            # (its partial output never reached us, so nothing is counted twice).
+            part = self._call_or_replace(name, ref, lambda h, c=c: send(h, c))
             part.prompt_index = [c[i] for i in part.prompt_index]
             part.prompts = [prompt_texts[j] for j in part.prompt_index]
             parts.append(part)

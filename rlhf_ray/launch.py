@@ -20,11 +20,18 @@ ROLE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLEL
 
 
 class RoleFailed(RuntimeError):
-    """A role's actor died or raised; the message names the role."""
+    """A role's actor died or raised; the message names the role. ``kind``: "died" (the
+    process is gone), "timeout" (no answer within cluster.call_timeout_s: hung or lost),
+    "raised" (the role's own code raised) or "" (everything else)."""
 
-    def __init__(self, role: str, detail: str):
+    def __init__(self, role: str, detail: str, kind: str = ""):
         super().__init__(f"{role} failed: {detail}")
-        self.role = role
+        self.role, self.kind = role, kind
+
+    @property
+    def recoverable(self) -> bool:
+        """A new actor can take over: the old one died or hung, its inputs were not at fault."""
+        return self.kind in ("died", "timeout")
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -53,9 +60,10 @@ def connect(cfg: Config) -> str:
             _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
-    # address="local": a head of our own even when another local cluster is running.
+    # address="local": a head of our own even when another local cluster is running. The
+    # dashboard (which also accepts job submissions) listens on cluster.dashboard_host only.
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-             runtime_env={"env_vars": dict(ROLE_ENV)})
+             dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": dict(ROLE_ENV)})
     return "started a local head"
 
 
@@ -203,27 +211,32 @@ class RolePlacement:
 
 
 def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0,
-          placement: Optional[dict[str, Any]] = None, **kwargs: Any) -> Any:
+          placement: Optional[dict[str, Any]] = None, restarts: int = 0, **kwargs: Any) -> Any:
+    """Start ``cls(cfg, *args, **kwargs)`` as an actor. ``restarts``: Ray starts a dead actor
+    again this many times (same arguments, same bundle) and re-runs the call it died in; only
+    for roles whose calls are pure functions of their inputs (reward, reference)."""
     import ray
 
-    return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                   runtime_env={"env_vars": dict(ROLE_ENV)},
+    return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts,
+                                   max_task_retries=restarts, runtime_env={"env_vars": dict(ROLE_ENV)},
                                    **(placement or {})).remote(cfg, *args, **kwargs)
 
 
-def call(role: str, refs: Any, timeout_s: float) -> Any:
-    """``ray.get`` that names the role when its actor dies, raises or hangs."""
+def call(role: str, refs: Any, timeout_s: float, restarts: Optional[int] = None) -> Any:
+    """``ray.get`` that names the role when its actor dies, raises or hangs (``restarts``: how
+    many times Ray was allowed to start it again, said when it died for good)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     try:
         return ray.get(refs, timeout=timeout_s)
     except RayActorError as e:
-        raise RoleFailed(role, f"actor died: {str(e).splitlines()[0]}") from e
+        note = f" (it had up to cluster.max_role_restarts={restarts} restarts)" if restarts is not None else ""
+        raise RoleFailed(role, f"actor died: {str(e).splitlines()[0]}{note}", "died") from e
     except RayTaskError as e:
-        raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e)) from e
+        raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e), "raised") from e
     except GetTimeoutError as e:
-        raise RoleFailed(role, f"no answer within cluster.call_timeout_s={timeout_s}") from e
+        raise RoleFailed(role, f"no answer within cluster.call_timeout_s={timeout_s}", "timeout") from e
 
 
 def torch_config(cfg: Config, use_gpu: bool):
@@ -314,6 +327,14 @@ class LearnerGroup:
 
     def memory(self) -> list[dict]:
         return self._request("memory", "memory")
+
+    def training_state(self) -> dict[str, Any]:
+        """Optimizer and RNG state for a checkpoint (rank 0's; the ranks hold the same)."""
+        return self._ray.get(self._request("state", "state")[0][0])
+
+    def restore(self, checkpoint_ref) -> list[float]:
+        """Every rank loads a checkpoint; returns each rank's parameter checksum."""
+        return self._request("restore", "restored", checkpoint_ref)
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -110,10 +110,10 @@ class StageTimer:
 class MetricsWriter:
     """One JSON object per line in ``<run_dir>/metrics.jsonl``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w")
+        self._fh = self.path.open("a" if append else "w")
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")

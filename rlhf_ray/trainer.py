@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ import torch
 
 from . import algo
 from .batch import pad_samples
+from .checkpoint import (Checkpoint, check_compatible, fingerprint, load_checkpoint, metrics_prefix,
+                         random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import RolloutFleet, request_seed
@@ -27,8 +30,37 @@ from .telemetry import MetricsWriter, StageTimer
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
 
 
+class NumericError(RuntimeError):
+    """More than ``ppo.max_bad_steps`` steps in a row had NaN or inf in their data or gradients."""
+
+
+class BadSteps:
+    """Steps whose update was skipped for NaN or inf: each is warned about and counted, and
+    more than ``limit`` in a row stop the run (the last checkpoint is from before them)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_row, self.total = limit, 0, 0
+
+    def observe(self, bad: list[str], step: int, last_checkpoint: Optional[Path]) -> None:
+        """``bad``: what held NaN or inf at ``step`` (empty: a good step)."""
+        if not bad:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        what = ", ".join(bad)
+        warnings.warn(f"PPO step {step}: NaN or inf in {what}; "
+                      f"{'rest of the update dropped' if 'gradients' in bad else 'update skipped'} "
+                      f"({self.in_row} bad step(s) in a row)", stacklevel=3)
+        if self.in_row > self.limit:
+            last = last_checkpoint or "none written (checkpoint.every is 0)"
+            raise NumericError(f"{self.in_row} PPO steps in a row had NaN or inf ({what}), more than "
+                               f"ppo.max_bad_steps={self.limit}; last checkpoint: {last}")
+
+
 class PPOTrainer:
-    def __init__(self, cfg: Config, *, progress: bool = True):
+    def __init__(self, cfg: Config, *, progress: bool = True, resume: Optional[Path] = None):
+        """``resume``: a run or checkpoint directory to continue from (see ``checkpoint.py``)."""
         from .data.prompts import load_prompt_texts
         from .data.task import JUDGES
         from .models import load_tokenizer
@@ -53,6 +85,13 @@ class PPOTrainer:
         self.eval_ids = self._tokenize(self.eval_texts, cfg.eval.prompts_path or "generated held-out prompts")
         # The engines hold KV cache for the longest sequence this run can make, not the model's context.
         self.max_model_len = max(len(p) for p in self.prompt_ids + self.eval_ids) + cfg.rollout.max_new_tokens
+        self.fingerprint = fingerprint(cfg, self.model_path)
+        self.resumed_from: Optional[Checkpoint] = None
+        if resume is not None:
+            self.resumed_from = load_checkpoint(resume)
+            check_compatible(self.resumed_from, self.fingerprint)
+
+        import ray
 
         self.how_connected = connect(cfg)
         preflight(cfg)
@@ -69,18 +108,31 @@ class PPOTrainer:
             self.placement = RolePlacement(cfg, self._timeout)
             self.fleet = RolloutFleet(cfg, self.model_path, max_model_len=self.max_model_len,
                                       timeout_s=self._timeout, placement=self.placement)
+            # Reward and reference calls are pure functions of their inputs: Ray restarts a dead
+            # one and re-runs the call (cluster.max_role_restarts times, then the run stops).
+            restarts = cfg.cluster.max_role_restarts
             self.reward = spawn(RewardScorer, cfg, self.reward_path, num_cpus=cfg.reward.num_cpus,
-                                num_gpus=cfg.reward.num_gpus, placement=self.placement.options("reward"))
+                                num_gpus=cfg.reward.num_gpus, placement=self.placement.options("reward"),
+                                restarts=restarts)
             self._roles.append(("reward", self.reward))
             self.reference = None
             if cfg.reference.mode == "actor":
                 self.reference = spawn(ReferencePolicy, cfg, self.model_path, num_cpus=cfg.reference.num_cpus,
-                                       num_gpus=cfg.reference.num_gpus, placement=self.placement.options("reference"))
+                                       num_gpus=cfg.reference.num_gpus, placement=self.placement.options("reference"),
+                                       restarts=restarts)
                 self._roles.append(("reference", self.reference))
             self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
             self.version = 0
             self.value_head: dict[str, torch.Tensor] = {}
-            self.fleet.start(self.learner.initial_adapter_ref)
+            first_adapter = self.learner.initial_adapter_ref
+            if self.resumed_from is not None:
+                ck = self.resumed_from
+                self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head,
+                                              "learner": ck.learner}))
+                self.version, self.value_head = ck.adapter.version, ck.value_head
+                # The generators serve the checkpoint's adapter before the first rollout.
+                first_adapter = ray.put(ck.adapter)
+            self.fleet.start(first_adapter)
             self.layout = self._where()
         except BaseException:
             self.close()
@@ -88,15 +140,20 @@ class PPOTrainer:
         self.startup_s = time.perf_counter() - t
         self.maker = ExperienceMaker(cfg, self.fleet, self.reward, self.reference, self.learner,
                                      self.tokenizer.pad_token_id, self._timeout)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
                        if cfg.ppo.kl_target else algo.FixedKLController(cfg.ppo.kl_coef))
         self._order: list[int] = []
         self._rng = random.Random(cfg.data.seed)
         self.step_index = 0
+        self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
         self.evals: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
         self.adapter_dir: Optional[Path] = None
+        self.checkpoint_dir: Optional[Path] = None
+        self.previous_records: list[dict[str, Any]] = []  # the steps before a resume
+        if self.resumed_from is not None:
+            self._restore_driver(self.resumed_from.state)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resumed_from is not None)
 
     @property
     def _timeout(self) -> float:
@@ -123,6 +180,31 @@ class PPOTrainer:
 
     def remove_rollout_actor(self) -> str:
         return self.fleet.remove()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def _driver_state(self) -> dict[str, Any]:
+        return {"step": self.step_index, "version": self.version, "kl_coef": self.kl_ctl.value,
+                "order": list(self._order), "rng": random_state_to_json(self._rng.getstate()),
+                "metrics_lines": self.step_index, "bad_steps_in_row": self.bad_steps.in_row,
+                "bad_steps_total": self.bad_steps.total, "eval_before": self.evals.get("before"),
+                "fingerprint": self.fingerprint, "model_path": self.model_path}
+
+    def _restore_driver(self, state: dict[str, Any]) -> None:
+        self.step_index, self.kl_ctl.value = int(state["step"]), float(state["kl_coef"])
+        self._order, self._rng = list(state["order"]), random.Random()
+        self._rng.setstate(random_state_from_json(state["rng"]))
+        self.bad_steps.in_row, self.bad_steps.total = int(state["bad_steps_in_row"]), int(state["bad_steps_total"])
+        if state.get("eval_before"):
+            self.evals["before"] = state["eval_before"]
+        self.previous_records = metrics_prefix(self.run_dir / "metrics.jsonl", int(state["metrics_lines"]))
+
+    def save_checkpoint(self) -> Path:
+        """``<run>/checkpoints/step-NNNNNN``, atomically; the oldest beyond ``checkpoint.keep`` go."""
+        import ray
+
+        self.checkpoint_dir = save_checkpoint(self.run_dir, self._driver_state(), ray.get(self.latest_adapter),
+                                              self.value_head, self.learner.training_state(), self.cfg.checkpoint.keep)
+        return self.checkpoint_dir
 
     # -- one step --------------------------------------------------------------------
     def _next_prompts(self) -> list[int]:
@@ -177,9 +259,12 @@ class PPOTrainer:
         samples = exp.samples
         stale = sum(v != self.version for v in samples.versions)
         updated = None
+        bad = nonfinite_parts(exp)
         with timer.stage("train"):
-            if exp.trainable_tokens >= 2:
+            if exp.trainable_tokens >= 2 and not bad:
                 updated = self.learner.update(ray.put(exp.batch), self.version + 1)
+                if any(u["stats"]["nonfinite_grad"] for u in updated):
+                    bad.append("gradients")
         with timer.stage("publish"):
             swaps = []
             if updated is not None:
@@ -187,12 +272,17 @@ class PPOTrainer:
                 swaps = self.fleet.publish(updated[0]["adapter"][0])
                 self.version += 1
         times = timer.finish()
-        self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
+        if not bad:  # a NaN KL would poison the adaptive coefficient for the rest of the run
+            self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
         record = self._record(exp, times, updated, swaps, stale, kl_coef)
+        record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad))
         self.metrics.write(record)
         self.step_index += 1
+        self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
         if cfg.output.save_every and self.step_index % cfg.output.save_every == 0:
             self.save_policy()
+        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
         return record
 
     def _record(self, exp: Experience, times: dict, updated: Optional[list], swaps: list, stale: int,
@@ -214,6 +304,7 @@ class PPOTrainer:
             "samples": len(samples),
             "response_tokens": n_tokens,
             "rollout_actors": len(self.fleet.members),
+            "rollout_replaced": len(self.fleet.replaced),
             "time_s": times,
             "compute_s": compute,
             "overhead_frac": max(0.0, times["total"] - sum(compute.values())) / times["total"],
@@ -273,10 +364,11 @@ class PPOTrainer:
         at the end (and every ``output.save_every`` steps)."""
         from tqdm import tqdm
 
-        if evaluate:
+        if evaluate and "before" not in self.evals:  # a resumed run keeps its first evaluation
             self.evals["before"] = self.evaluate("before PPO")
-        records = []
-        bar = tqdm(range(steps or self.cfg.ppo.steps), desc="ppo", unit="step", disable=not self.progress)
+        records = list(self.previous_records)
+        todo = steps if steps is not None else max(0, self.cfg.ppo.steps - self.step_index)
+        bar = tqdm(range(todo), desc="ppo", unit="step", disable=not self.progress, initial=0)
         for _ in bar:
             rec = self.step()
             records.append(rec)
@@ -287,7 +379,7 @@ class PPOTrainer:
             self.evals["after"] = self.evaluate("after PPO")
         self.summary = self._summarise(records)
         (self.run_dir / "ppo.json").write_text(json.dumps(self.summary, indent=2))
-        return records
+        return records[len(self.previous_records):]
 
     def _summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         # Step 0 pays the learner's and engines' first-call costs; rates are from the rest.
@@ -310,6 +402,9 @@ class PPOTrainer:
             "truncated": self.cfg.ppo.truncated,
             "truncation_rate_mean": (sum(r["truncation_rate"] for r in records) / len(records)) if records else None,
             "adapter": str(self.adapter_dir) if self.adapter_dir else None,
+            "checkpoint": str(self.checkpoint_dir) if self.checkpoint_dir else None,
+            "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
+            "bad_steps": self.bad_steps.total,
             "eval": self.evals,
         }
 
@@ -342,10 +437,18 @@ class PPOTrainer:
         self.close()
 
 
+def nonfinite_parts(exp: Experience) -> list[str]:
+    """Which of a step's inputs to the update hold NaN or inf (the tokens that train only)."""
+    b, mask = exp.batch, exp.batch.action_mask.bool()
+    parts = {"rewards": exp.rewards, "advantages": b.advantages, "returns": b.returns, "old_logprobs": b.old_logprobs}
+    return [name for name, t in parts.items()
+            if t is not None and not bool(torch.isfinite(t if t.dim() == 1 else t[mask]).all())]
+
+
 def _context_length(model_path: str) -> int:
     from transformers import AutoConfig
 
     return int(getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048))
 
 
-__all__ = ["PPOTrainer", "RoleFailed"]
+__all__ = ["NumericError", "PPOTrainer", "RoleFailed"]

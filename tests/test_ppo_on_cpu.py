@@ -1,10 +1,14 @@
 """The PPO loop on a real local Ray: 2 vLLM-CPU rollout actors, a reward actor and a
-2-worker Ray Train learner (gloo DDP). One trainer serves the whole module."""
+2-worker Ray Train learner (gloo DDP). One trainer serves the whole module; its last test
+resumes the run from a checkpoint in a second trainer."""
 import json
 
 import pytest
 import ray
+import torch
 
+from rlhf_ray.checkpoint import list_checkpoints, load_checkpoint
+from rlhf_ray.fleet import request_seed
 from rlhf_ray.launch import RoleFailed
 from rlhf_ray.trainer import PPOTrainer
 
@@ -15,7 +19,8 @@ pytestmark = pytest.mark.integration
 def trainer(make_cfg):
     # A large learning rate makes consecutive adapter versions clearly different, so a
     # generator serving a stale version could not hide inside the log-prob tolerance.
-    cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2")
+    cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2",
+                   "checkpoint.every=2", "checkpoint.keep=10", "cluster.max_role_restarts=1")
     tr = PPOTrainer(cfg, progress=False)
     yield tr
     tr.close()
@@ -100,8 +105,75 @@ def test_rollout_fleet_scales_between_steps(trainer, records):
     assert r2["logprob_gap"] < 1e-4
 
 
+def test_checkpoints_hold_what_the_next_step_needs(trainer, records):
+    found = [p.name for p in list_checkpoints(trainer.run_dir)]
+    assert found[:2] == ["step-000002", "step-000004"]
+    ck = load_checkpoint(trainer.run_dir / "checkpoints" / "step-000004")
+    assert ck.adapter.version == 4 and ck.state["metrics_lines"] == 4 and ck.state["eval_before"]
+    assert ck.value_head and ck.learner["optimizer"]["state"]  # Adam's moments, per trainable tensor
+    # The adaptive KL controller's value as it had moved (verl and OpenRLHF lose it on resume).
+    assert ck.state["kl_coef"] != trainer.cfg.ppo.kl_coef
+
+
+def test_generator_killed_mid_step_is_replaced_and_its_share_redone(trainer, records):
+    """Killed after the requests are dispatched and before any reply: a new generator loads the
+    latest adapter and generates the lost share again; with per-request seeds the samples are
+    the ones an undisturbed fleet makes, none lost, none twice."""
+    fleet = trainer.fleet
+    ids, texts = trainer.prompt_ids[:6], trainer.prompt_texts[:6]
+    seeds = [request_seed(11, 99, j) for j in range(6)]
+    clean = fleet.generate(ids, texts, n=2, seeds=seeds)
+    victim, handle = fleet.members[0]
+    fleet.after_dispatch = lambda: ray.kill(handle)
+    try:
+        got = fleet.generate(ids, texts, n=2, seeds=seeds)
+    finally:
+        fleet.after_dispatch = None
+    assert fleet.replaced and fleet.replaced[-1][0] == victim
+    assert victim not in [name for name, _ in fleet.members] and len(fleet.members) == 2
+    assert got.prompt_index == clean.prompt_index == [j for j in range(6) for _ in range(2)]
+    assert got.response_ids == clean.response_ids
+    assert got.versions == clean.versions == [trainer.version] * 12
+    rec = trainer.step()
+    assert rec["stale_samples"] == 0 and rec["samples"] == 8 and rec["logprob_gap"] < 1e-4
+    assert rec["rollout_replaced"] == 1
+
+
+def test_reward_actor_restarts_and_the_call_is_retried(trainer, records):
+    ray.kill(trainer.reward, no_restart=False)  # as a crash: Ray starts it again
+    rec = trainer.step()
+    assert rec["samples"] == 8 and rec["nonfinite"] == [] and rec["reward_std"] > 0
+
+
 def test_dead_actor_is_reported_with_its_role(trainer, records):
+    """A generator dying after the fleet used its one replacement (cluster.max_role_restarts=1)."""
     name, handle = trainer.generators[-1]
     ray.kill(handle)
-    with pytest.raises(RoleFailed, match=name):
+    with pytest.raises(RoleFailed, match=f"{name} failed.*max_role_restarts=1"):
         trainer.step()
+
+
+def test_resume_matches_an_uninterrupted_run(trainer, records):
+    """Steps 0-3 ran in one go; a second trainer resumed at the step-2 checkpoint makes steps 2-3
+    again and ends with the same adapter and optimizer state, to the last bit."""
+    run_dir, cfg = trainer.run_dir, trainer.cfg
+    uninterrupted = load_checkpoint(run_dir / "checkpoints" / "step-000004")
+    trainer.close()
+    with PPOTrainer(cfg, progress=False, resume=run_dir / "checkpoints" / "step-000002") as tr:
+        assert (tr.step_index, tr.version) == (2, 2)
+        assert tr.evals["before"] == uninterrupted.state["eval_before"]
+        new = tr.run(steps=2, evaluate=False)
+        assert [r["step"] for r in new] == [2, 3]
+        assert [r["generated_with_version"] for r in new] == [[2], [3]]  # served the checkpoint's adapter first
+        assert [r["reward_mean"] for r in new] == [r["reward_mean"] for r in records[2:4]]
+        resumed = load_checkpoint(run_dir / "checkpoints" / "step-000004")
+    assert resumed.adapter.tensors.keys() == uninterrupted.adapter.tensors.keys()
+    for k, v in uninterrupted.adapter.tensors.items():
+        assert torch.equal(resumed.adapter.tensors[k], v), k
+    for k, v in uninterrupted.value_head.items():
+        assert torch.equal(resumed.value_head[k], v), k
+    for i, st in uninterrupted.learner["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(resumed.learner["optimizer"]["state"][i][k], v), (i, k)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]

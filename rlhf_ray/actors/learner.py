@@ -94,6 +94,7 @@ class LearnerCore:
         sums: dict[str, float] = {}
         count = 0
         shift, shift_tokens = 0.0, 0.0
+        nonfinite = False
         for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
             for start in range(0, n, lc.minibatch_size):
@@ -126,10 +127,20 @@ class LearnerCore:
                                        * m.action_mask.sum())
                         shift_tokens += float(m.action_mask.sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    # NaN/inf anywhere in the minibatch reaches every rank through the all-reduce,
+                    # so all ranks stop here together; the rest of this update is dropped too,
+                    # since its data or the weights are what went wrong.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    nonfinite = True
+                    break
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
                 self.optimizer.step()
                 count += 1
+            if nonfinite:
+                break
         stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats["nonfinite_grad"] = float(nonfinite)
         stats["optimizer_steps"] = count
         stats["logprob_shift"] = shift / max(shift_tokens, 1.0)
         stats["param_checksum"] = self.param_checksum()
@@ -142,6 +153,30 @@ class LearnerCore:
         head = self.module.value_head
         return {} if head is None else {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
+    def training_state(self) -> dict[str, Any]:
+        """What a checkpoint needs from the learner besides the adapter and value head: the
+        optimizer's moments and step counts, and the RNG that orders the minibatches (the
+        same on every rank, so rank 0's stands for all). CPU copies: the live state keeps
+        changing in place with every update."""
+        return _cpu_copy({"optimizer": self.optimizer.state_dict(), "minibatch_rng": self._gen.get_state(),
+                          "torch_rng": torch.get_rng_state()})
+
+    def restore(self, adapter: AdapterVersion, value_head: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: adapter and head weights, optimizer state, RNGs."""
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.module.policy, adapter.tensors)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"checkpoint adapter tensors do not fit this model: {unexpected[:3]}")
+        if self.module.value_head is not None:
+            if not value_head:
+                raise ValueError("checkpoint has no value head, but ppo.estimator needs a critic")
+            self.module.value_head.load_state_dict(value_head)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._gen.set_state(state["minibatch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
     def param_checksum(self) -> float:
         """Sum of all trainable weights: equal on every rank iff DDP kept them in sync."""
         with torch.no_grad():
@@ -153,7 +188,8 @@ class LearnerCore:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop. Requests in (one queue per rank): (kind, request_id, [batch_ref],
-    version) with kind evaluate|update|memory, or ("stop",). Replies out: (kind, request_id,
+    version) with kind evaluate|update|memory|state|restore (restore's ref: a checkpoint's
+    adapter, value head and learner state), or ("stop",). Replies out: (kind, request_id,
     rank, payload); rank 0's "updated" payload carries a [ref] to the new ``AdapterVersion``
     and the value head. An idle worker waits without a deadline: the driver's "stop", or its
     death (which takes the queues down), ends it."""
@@ -181,12 +217,19 @@ def train_loop(config: dict[str, Any]) -> None:
             if kind == "memory":
                 outbox.put(("memory", request_id, rank, core.memory_stats()))
                 continue
+            if kind == "state":
+                # Through the object store, on the CPU: Adam's moments are twice the adapter's size.
+                outbox.put(("state", request_id, rank, [ray.put(core.training_state())] if rank == 0 else None))
+                continue
             batch = ray.get(msg[2][0])
             t = time.perf_counter()
             if kind == "evaluate":
                 out = core.evaluate(batch.shard(rank, world))
                 out["compute_s"] = time.perf_counter() - t
                 outbox.put(("evaluated", request_id, rank, out))
+            elif kind == "restore":
+                core.restore(batch["adapter"], batch["value_head"], batch["learner"])
+                outbox.put(("restored", request_id, rank, core.param_checksum()))
             elif kind == "update":
                 stats = core.update(batch)
                 stats["compute_s"] = time.perf_counter() - t
@@ -201,3 +244,13 @@ def train_loop(config: dict[str, Any]) -> None:
     except Exception:
         outbox.put(("error", request_id, rank, traceback.format_exc()))
         raise
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
