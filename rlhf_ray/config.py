@@ -8,7 +8,9 @@ any Ray actor starts.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
@@ -53,6 +55,14 @@ def _unit_interval(obj: Any, *names: str) -> None:
         _check(0.0 <= v <= 1.0, n, f"must be in [0, 1], got {v!r}")
 
 
+# vLLM seeds numpy with its engine seed (< 2**32) and engine i gets seed + i; 2**31 leaves room.
+SEED_LIMIT = 2 ** 31
+
+
+def _seed(obj: Any) -> None:
+    _check(0 <= obj.seed < SEED_LIMIT, "seed", f"must be in [0, 2**31), got {obj.seed!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The policy's base model."""
@@ -73,6 +83,7 @@ class ModelConfig:
                f"must be one of float32, bfloat16, float16, got {self.dtype!r}")
         _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
                f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
+        _seed(self)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,8 @@ class LoraConfig:
         _positive(self, "alpha")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         _check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        _check(all(m.strip() for m in self.target_modules), "target_modules",
+               f"every entry must be a module name, got {self.target_modules!r}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ class DataConfig:
                f"must be 'skip' or 'error', got {self.on_bad_record!r}")
         _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
                f"must be > 0 or null, got {self.prompt_words!r}")
+        _seed(self)
 
 
 def _check_stage_workers(obj: Any) -> None:
@@ -148,6 +162,7 @@ class SFTConfig:
         _check_stage_workers(self)
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
+        _seed(self)
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,7 @@ class RMConfig:
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
+        _seed(self)
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,9 @@ class EvalConfig:
         from .data.task import JUDGES
 
         _check(self.judge in (*JUDGES, "none"), "judge", f"must be one of {[*JUDGES, 'none']}, got {self.judge!r}")
+
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,10 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, "num_actors", f"must be >= 1, got {self.num_actors!r}")
         _positive(self, "samples_per_prompt", "max_new_tokens", "temperature", "max_lora_rank", "max_loras")
+        # vLLM's own LoRAConfig refuses any other value, but only inside a rollout actor.
+        _check(self.max_lora_rank in VLLM_MAX_LORA_RANKS, "max_lora_rank",
+               f"must be one of {list(VLLM_MAX_LORA_RANKS)} (the ranks vLLM's engines accept), "
+               f"got {self.max_lora_rank!r}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k!r}")
         _check(self.repetition_penalty == 1.0, "repetition_penalty",
@@ -238,6 +261,7 @@ class RolloutConfig:
         _check(self.gpu_memory_utilization is None or 0.0 < self.gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization", f"must be in (0, 1] or null, got {self.gpu_memory_utilization!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
+        _seed(self)
 
 
 @dataclass(frozen=True)
@@ -382,8 +406,9 @@ class OutputConfig:
         return Path(self.dir) / self.name
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name",
-               f"must be a non-empty name without '/', got {self.name!r}")
+        # "." or ".." would put the run's files in output.dir itself or above it.
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+               f"must be a non-empty name without '/' (and not . or ..), got {self.name!r}")
         _check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every!r}")
 
 
@@ -434,16 +459,159 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _finite_floats(section_name: str, obj: Any) -> None:
+def _plain_values(obj: Any) -> None:
+    """What no type check catches: NaN/inf, which slip past every range check written as a
+    comparison, and NUL, which no path or name can hold (``open`` fails far from the key)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise _FieldError(f.name, f"must be finite, got {v!r}")
+        if isinstance(v, str) and "\x00" in v:
+            raise _FieldError(f.name, f"must not contain a NUL character, got {v!r}")
 
 
-def _reason(e: OmegaConfBaseException) -> str:
+def _reason(e: BaseException) -> str:
     # OmegaConf appends full_key/object_type lines; the key is already in our prefix.
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# -- the shape of a layer, before OmegaConf sees it ------------------------------------------
+# OmegaConf names no key when a section is a list or a scalar ("Merge error: list is not a
+# subclass of LoraConfig"), keeps the default without a word for '???' (its missing marker) or
+# a list of lists where a list of names goes, and raises exceptions of other libraries for
+# YAML dates, sets and binary, or for integers too large for a float field (OverflowError).
+_SCALARS = (str, int, float, bool, type(None))
+_INT_LIMIT = 2 ** 63  # no setting takes more; a larger one only overflows far from its key
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _list_keys(cls: type) -> set[str]:
+    """Keys of a section whose type is a list (``List[str]`` or ``Optional[List[str]]``)."""
+    is_list = lambda tp: typing.get_origin(tp) is list
+    hints = typing.get_type_hints(cls)
+    return {k for k, tp in hints.items() if is_list(tp) or any(map(is_list, typing.get_args(tp)))}
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return f"a list {v!r}"[:80]
+    return f"{type(v).__name__} {v!r}"[:80]
+
+
+def _check_name(key: Any, where: str, prefix: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{where}: {prefix}{key!r}: a key must be a name, got {type(key).__name__} "
+                          "(YAML reads unquoted yes/no/on/off as booleans and digits as numbers)")
+
+
+def _check_value(v: Any, where: str, key: str, in_list: bool = False) -> None:
+    if isinstance(v, (dict, list)):
+        what = "an item of a list" if in_list else "a single value"
+        raise ConfigError(f"{where}: {key}: must be {what}, got {_kind(v)}")
+    if not isinstance(v, _SCALARS):
+        raise ConfigError(f"{where}: {key}: {type(v).__name__} values are not supported, got {v!r} "
+                          "(quote it to make it text)")
+    if in_list and v is None:
+        raise ConfigError(f"{where}: {key}: null is not a list item")
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= _INT_LIMIT:
+        # Not printed: str() of an int beyond 4300 digits raises.
+        raise ConfigError(f"{where}: {key}: out of range, an integer of {v.bit_length()} bits (at most 63)")
+    if v == "???":
+        raise ConfigError(f"{where}: {key}: '???' marks a missing value in OmegaConf; "
+                          "give a value or leave the key out")
+
+
+def _check_layer(raw: Any, where: str, *, null_sections: bool) -> dict:
+    """``raw`` (a parsed YAML file or override) checked against the sections' shapes; with
+    ``null_sections`` a section given as null is left out (its keys all commented out)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {_kind(raw)}")
+    sections, out = _sections(), {}
+    for name, body in raw.items():
+        _check_name(name, where, "")
+        if name not in sections:
+            raise ConfigError(f"{where}: {name}: unknown section; the sections are {', '.join(sections)}")
+        if body is None and null_sections:
+            continue
+        known = [f.name for f in dataclasses.fields(sections[name])]
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: {name}: must be a mapping of {name}'s keys ({', '.join(known)}), "
+                              f"got {_kind(body)}")
+        lists = _list_keys(sections[name])
+        for key, value in body.items():
+            _check_name(key, where, f"{name}.")
+            dotted = f"{name}.{key}"
+            if key not in known:
+                raise ConfigError(f"{where}: {dotted}: unknown key; {name} has {', '.join(known)}")
+            if key not in lists:
+                _check_value(value, where, dotted)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    _check_value(item, where, f"{dotted}[{i}]", in_list=True)
+            elif value is not None:
+                raise ConfigError(f"{where}: {dotted}: must be a list such as [a, b] (set it whole), "
+                                  f"got {_kind(value)}")
+        out[name] = body
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a second ``ppo:`` section would
+    drop the first one's settings without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` overriding keys is what it is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # unhashable: the base class says so with its position
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} given twice (first on line {first})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: str | Path) -> Any:
+    source, p = str(path), Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+    stream = io.StringIO(text)
+    stream.name = source  # YAML's marks then name the file, not "<unicode string>"
+    try:
+        return yaml.load(stream, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # its text carries line and column
+        raise ConfigError(f"{source}: cannot parse YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits; nesting too deep
+        raise ConfigError(f"{source}: cannot parse YAML: {_reason(e)}") from None
+
+
+def _merge(layers: list, where: str, key: str = "") -> Any:
+    try:
+        return OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:  # a value of the wrong type; the shapes were checked already
+        raise ConfigError(f"{where}: {e.full_key or key}: {_reason(e)}") from None
 
 
 def _build(merged: Any, source: str) -> Config:
@@ -451,11 +619,16 @@ def _build(merged: Any, source: str) -> Config:
     for f in dataclasses.fields(Config):
         try:
             obj = OmegaConf.to_object(merged[f.name])
-            _finite_floats(f.name, obj)
+            _plain_values(obj)
         except _FieldError as e:
             raise ConfigError(f"{source}: {f.name}.{e.key}: {e}") from None
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {f.name}.{getattr(e, 'full_key', '')}: {_reason(e)}") from None
+            # Interpolation errors carry the full dotted key, conversion errors the section's.
+            key = e.full_key or ""
+            key = key if key == f.name or key.startswith(f"{f.name}.") else f"{f.name}.{key}".rstrip(".")
+            raise ConfigError(f"{source}: {key}: {_reason(e)}") from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:  # e.g. an interpolated value
+            raise ConfigError(f"{source}: {f.name}: {type(e).__name__}: {_reason(e)}") from None
         sections[f.name] = obj
     try:
         return Config(**sections)
@@ -467,8 +640,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides.
 
     Raises:
-        ConfigError: missing/unparsable file, unknown key, wrong type or out-of-range
-            value; the message names the file (or "override") and the dotted key.
+        ConfigError: missing/unreadable/unparsable file, a section that is not a mapping, unknown
+            key, wrong type or out-of-range value; the message names the file (or "override")
+            and the dotted key. Nothing else escapes, whatever the file or overrides hold.
     """
     schema = OmegaConf.structured(Config)
     # Frozen dataclasses make a read-only schema; merging needs it writable, and the
@@ -478,31 +652,23 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     layers = [schema]
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:  # its text carries line and column
-            raise ConfigError(f"{source}: cannot parse YAML: {e}") from None
-        if raw is None:
-            raw = {}  # an empty file means all defaults
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
-        layers.append(OmegaConf.create(raw))
+        raw = _read_yaml(path)
+        # An empty file means all defaults, as does a section with every key commented out.
+        layers.append(_check_layer({} if raw is None else raw, source, null_sections=True))
+    merged = _merge(layers, source)
     overrides = list(overrides)
-    try:
-        merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {e.full_key}: {_reason(e)}") from None
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"{source}: override {ov!r}: expected key.sub=value")
+        where = f"{source}: override {ov!r}"
+        if not isinstance(ov, str) or "=" not in ov:
+            raise ConfigError(f"{where}: expected key.sub=value")
         key = ov.split("=", 1)[0].strip()
+        if not all(key.split(".")):
+            raise ConfigError(f"{where}: {key!r} is not a dotted key such as ppo.clip_eps")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([ov]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: override {ov!r}: {e.full_key or key}: {_reason(e)}") from None
+            layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]), resolve=False)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, RecursionError) as e:  # the value is YAML
+            raise ConfigError(f"{where}: {key}: cannot parse the value ({_reason(e)})") from None
+        merged = _merge([merged, _check_layer(layer, where, null_sections=False)], where, key)
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
     return _build(merged, source)

@@ -22,7 +22,7 @@ def test_tiny_config_sections_and_overrides():
     assert cfg.cluster.address == "auto"
     assert {f.name for f in dataclasses.fields(cfg)} == {
         "model", "lora", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "eval",
-        "cluster", "output"}
+        "cluster", "output", "checkpoint"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.ppo.clip_eps = 0.3  # type: ignore[misc]
 
@@ -95,3 +95,69 @@ def test_bad_files(tmp_path):
         load_config(scalar)
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config(TINY, ["ppo.clip_eps"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lora: [1, 2]\n", "lora: must be a mapping of lora's keys (rank, alpha, dropout, target_modules), got a list"),
+    ("lora: 3\n", "lora: must be a mapping of lora's keys"),
+    ("ppo:\n  clip_eps: [0.1]\n", "ppo.clip_eps: must be a single value, got a list"),
+    ("lora:\n  target_modules: q_proj\n", "lora.target_modules: must be a list such as [a, b]"),
+    ("lora:\n  target_modules: [[q_proj]]\n", "lora.target_modules[0]: must be an item of a list, got a list"),
+    ("data:\n  keep_labels: [{a: 1}]\n", "data.keep_labels[0]: must be an item of a list, got a mapping"),
+    ("ppo:\n  clip_eps: 2020-01-01\n", "ppo.clip_eps: date values are not supported"),
+    ("output:\n  name: '???'\n", "output.name: '???' marks a missing value"),
+    ("learner:\n  lr: 1" + "0" * 400 + "\n", "learner.lr: out of range, an integer of 1329 bits"),
+    ("ppo:\n  yes: 1\n", "ppo.True: a key must be a name, got bool"),
+    ("~: 1\n", "None: a key must be a name"),
+    ("nosuch: {}\n", "nosuch: unknown section; the sections are model, lora"),
+    ("output:\n  name: ${nosuch.key}\n", "output.name: Interpolation key 'nosuch.key' not found"),
+    ("ppo:\n  steps: 1\nppo:\n  steps: 2\n", "key 'ppo' given twice (first on line 1)"),
+    ("ppo: " + "[" * 3000 + "\n", "cannot parse YAML: maximum recursion depth"),
+    ('output:\n  dir: "runs\\0"\n', "output.dir: must not contain a NUL character"),
+])
+def test_misshapen_yaml_names_file_and_key(tmp_path, text, message):
+    """Each of these leaked an OmegaConf, YAML or Python exception, named no key (a section
+    as a list: "Merge error: list is not a subclass of LoraConfig"), doubled it (output.output.name)
+    or loaded silently ('???', nested lists, a second `ppo:`)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value), err.value
+
+
+def test_non_utf8_config_names_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"ppo:\n  steps: 3\noutput:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: line 4: not UTF-8 text \(byte 0xe9\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora=3", "override 'lora=3': lora: must be a mapping of lora's keys"),
+    ("lora=[1,2]", "override 'lora=[1,2]': lora: must be a mapping"),
+    ("lora=null", "override 'lora=null': lora: must be a mapping of lora's keys (rank, alpha, dropout, "
+                  "target_modules), got null"),
+    ("=3", "override '=3': '' is not a dotted key"),
+    ("ppo..steps=3", "'ppo..steps' is not a dotted key"),
+    ("ppo.clip_eps=[1", "override 'ppo.clip_eps=[1': ppo.clip_eps: cannot parse the value"),
+    ("ppo.clip_eps=" + "9" * 400, "ppo.clip_eps: out of range"),
+    ("ppo.steps=" + "9" * 5000, "ppo.steps: cannot parse the value"),
+    ("lora.target_modules.5=x", "lora.target_modules: must be a list such as [a, b] (set it whole)"),
+    ("rollout.max_lora_rank=20", "rollout.max_lora_rank: must be one of [1, 8, 16, 32, 64, 128, 256, 320, 512]"),
+    ("data.seed=-1", "data.seed: must be in [0, 2**31)"),
+    ("rollout.seed=4294967296", "rollout.seed: must be in [0, 2**31)"),
+    ("output.name=..", "output.name: must be a non-empty name without '/' (and not . or ..)"),
+    ("lora.target_modules=[q_proj, '']", "lora.target_modules: every entry must be a module name"),
+])
+def test_misshapen_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert str(err.value).startswith(str(TINY)) and message in str(err.value), err.value
+
+
+def test_null_section_means_its_defaults(tmp_path):
+    path = tmp_path / "commented.yaml"
+    path.write_text("lora:\n  # rank: 4\nppo:\n  steps: 3\n")
+    cfg = load_config(path)
+    assert cfg.lora == Config().lora and cfg.ppo.steps == 3

@@ -154,3 +154,45 @@ def test_drops_are_printed_with_their_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data.prompts_path: " in out and "kept 1, dropped 2: 1 not valid JSON, 1 empty 'prompt'" in out
     assert f"{f}:2: not valid JSON" in out and f"{f}:3: empty 'prompt'" in out
+
+
+def test_unreadable_text_is_a_bad_record_at_its_line(tmp_path):
+    """Each of these ended the load with a UnicodeDecodeError, RecursionError, ValueError,
+    OverflowError or TypeError naming no file, or (a lone surrogate) loaded and broke the tokenizer."""
+    f = tmp_path / "mixed.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b"\n".join([
+        b'{"prompt": "p", "chosen": " a", "rejected": " b"}',  # after a byte-order mark: fine
+        b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"prompt": "p", "chosen": " a", "rejected": " b", "margin": ' + b"9" * 5000 + b"}",
+        b'{"prompt": "p", "chosen": " a", "rejected": " b", "margin": 1' + b"0" * 400 + b"}",
+        b'{"prompt": "p\\ud800", "chosen": " a", "rejected": " b"}',
+    ]) + b"\n")
+    pairs, report = load_preferences(str(f), "rm.data_path", "skip")
+    assert len(pairs) == 1 and report.read == 6
+    problems = "\n".join(report.first_problems)
+    assert f"{f}:2: not UTF-8 text (byte 0xe9 at character 16)" in problems
+    assert f"{f}:3: not valid JSON (maximum recursion depth" in problems
+    assert f"{f}:4: not valid JSON (Exceeds the limit (4300 digits)" in problems
+    assert f"{f}:5: 'margin' is not a finite number: 1000" in problems
+    assert f"{f}:6: 'prompt' is not valid Unicode ('\\ud800' at character 2)" in problems
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: not UTF-8 text"):
+        load_preferences(str(f), "rm.data_path", "error")
+    roles = _jsonl(tmp_path / "roles.jsonl", [{"chosen": [{"role": ["user"], "content": "x"}], "rejected": []}])
+    with pytest.raises(DataError, match=r"roles\.jsonl:1: chosen\[0\] is not a \{'role'"):
+        load_preferences(str(roles), "rm.data_path", "error")
+    arr = tmp_path / "latin1.json"
+    arr.write_bytes(b'[\n{"text": "ok"},\n{"text": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin1\.json:3: not UTF-8 text \(byte 0xe9\)"):
+        load_sft(str(arr), "sft.data_path", "skip")
+
+
+def test_blank_and_white_space_files_say_so(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n \n\n")
+    with pytest.raises(DataError, match=r"^sft.data_path='.*blank\.jsonl': holds no records \(blank lines only\)"):
+        load_sft(str(blank), "sft.data_path", "skip")
+    ws = tmp_path / "ws.json"
+    ws.write_text("  \n")
+    with pytest.raises(DataError, match=r"^rm.data_path='.*ws\.json': the file is empty \(white space only\)"):
+        load_preferences(str(ws), "rm.data_path", "skip")

@@ -84,32 +84,78 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
         except Exception as e:
             raise DataError(f"{key}={str(path)!r}: not a `datasets` directory saved with save_to_disk ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
+            if not ds:
+                raise DataError(f"{key}={str(path)!r}: the `datasets` directory holds no splits")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         for i, rec in enumerate(ds):
             yield f"{p}[record {i}]", rec
         return
     if not p.is_file():
         raise DataError(f"{key}={str(path)!r} does not exist")
-    if p.stat().st_size == 0:
-        raise DataError(f"{key}={str(path)!r}: the file is empty")
-    if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{p}: a .json file must hold a list of records (JSONL: use .jsonl)")
-        for i, rec in enumerate(data):
-            yield f"{p}[record {i}]", rec
-        return
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{p}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{p}:{lineno}", BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+    try:
+        if p.stat().st_size == 0:
+            raise DataError(f"{key}={str(path)!r}: the file is empty")
+        if p.suffix == ".json":
+            yield from _json_array(p, key)
+            return
+        # surrogateescape: a byte that is not UTF-8 becomes U+DC80..U+DCFF instead of an
+        # exception that ends the load naming no line; that line is then one bad record.
+        # utf-8-sig: some editors start a file with a byte-order mark.
+        with p.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    byte = ord(line[e.start]) - 0xDC00
+                    yield f"{p}:{lineno}", BadRecord(f"not UTF-8 text (byte {byte:#04x} at character {e.start + 1})")
+                    continue
+                yield f"{p}:{lineno}", _json_record(line)
+    except OSError as e:
+        raise DataError(f"{key}={str(path)!r}: cannot read ({e.strerror or e})") from None
+
+
+def _json_record(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits; nesting too deep
+        return BadRecord(f"not valid JSON ({_first_line(e)})")
+
+
+def _json_array(p: Path, key: str) -> Iterator[tuple[str, Any]]:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+    if not text.strip():
+        raise DataError(f"{key}={str(p)!r}: the file is empty (white space only)")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{p}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{p}: a .json file must hold a list of records (JSONL: use .jsonl)")
+    for i, rec in enumerate(records):
+        yield f"{p}[record {i}]", rec
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _short(v: Any, n: int = 60) -> str:
+    try:
+        r = repr(v)
+    except ValueError:  # repr of an int beyond 4300 digits raises
+        return f"an integer of {v.bit_length()} bits"
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def load(path: str | Path, key: str, parse: Callable[[Any], T], on_bad: str = "skip",
@@ -139,6 +185,8 @@ def load(path: str | Path, key: str, parse: Callable[[Any], T], on_bad: str = "s
             continue
         out.append(item)
     report.kept = len(out)
+    if report.read == 0:
+        raise DataError(f"{key}={str(path)!r}: holds no records (blank lines only)")
     if not out:
         detail = f"; first problems: {'; '.join(report.first_problems)}" if report.first_problems else ""
         raise DataError(f"{key}={str(path)!r}: no usable records ({report.summary()}){detail}")
@@ -154,7 +202,18 @@ def _text(rec: dict, name: str, allow_empty: bool = False) -> str:
         raise BadRecord(f"{name!r} is not text: {type(v).__name__}")
     if not allow_empty and not v.strip():
         raise BadRecord(f"empty {name!r}")
+    _encodable(v, name)
     return v
+
+
+def _encodable(v: str, name: str) -> None:
+    # JSON's "\ud800" escapes decode to lone surrogates, which the tokenizers reject later
+    # with a TypeError that names neither the file nor the record.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = _short(v[e.start:e.end])
+        raise BadRecord(f"{name!r} is not valid Unicode ({bad} at character {e.start + 1})") from None
 
 
 def render_messages(messages: Any, name: str) -> tuple[str, str]:
@@ -164,8 +223,10 @@ def render_messages(messages: Any, name: str) -> tuple[str, str]:
         raise BadRecord(f"{name!r} is not a non-empty list of messages")
     lines = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+        if (not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str)
+                or m["role"] not in _ROLES):
             raise BadRecord(f"{name}[{i}] is not a {{'role': user|assistant|system, 'content': text}} message")
+        _encodable(m["content"], f"{name}[{i}].content")
         lines.append(f"\n\n{_ROLES[m['role']]}: {m['content']}")
     if _ROLES[messages[-1]["role"]] != "Assistant":
         raise BadRecord(f"the last message of {name!r} is not the assistant's reply")
@@ -223,11 +284,15 @@ def parse_preference(rec: dict) -> dict[str, Any]:
     if chosen == rejected:
         raise BadRecord("chosen and rejected are identical")
     margin = rec.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                               or not math.isfinite(margin)):
-        raise BadRecord(f"'margin' is not a finite number: {margin!r}")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "margin": None if margin is None else float(margin)}
+    if margin is not None:
+        try:
+            ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(float(margin))
+        except OverflowError:  # an integer beyond a float's range
+            ok = False
+        if not ok:
+            raise BadRecord(f"'margin' is not a finite number: {_short(margin)}")
+        margin = float(margin)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
 
 
 def prompt_parser(cfg: DataConfig, report: LoadReport) -> Callable[[dict], Optional[str]]:

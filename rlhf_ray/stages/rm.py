@@ -123,12 +123,15 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Pairs are read, checked and encoded here; training runs on ``rm.num_workers`` Ray Train
     workers, and rank 0 evaluates, measures the reward scale and saves."""
     from ..models import load_tokenizer
+    from ..models.checks import check_inputs
 
     rc = cfg.rm
     clock = Clock()
     base = base_model(cfg, rc.base, "rm.base")
     train_pairs, held_pairs, reports = preference_data(cfg)
     tokenizer = load_tokenizer(base)
+    check_inputs(cfg, base, tokenizer, key="rm.base", lora=rc.mode == "lora", head="seq_cls",
+                 outputs=[("rm.output_dir", rc.output_dir)] if rc.output_dir else ())
     train = encode(train_pairs, tokenizer, rc.max_seq_len, reports[0], rc.use_margin)
     held = encode(held_pairs, tokenizer, rc.max_seq_len, reports[-1], rc.use_margin)
     for key, report in zip(("rm.data_path", "rm.eval_path"), reports):

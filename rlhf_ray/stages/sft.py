@@ -73,6 +73,7 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Data is read, checked and split here; training runs on ``sft.num_workers`` Ray Train
     workers, and rank 0 evaluates and saves (``output.dir`` must be storage every node sees)."""
     from ..models import load_tokenizer, resolve_model_path
+    from ..models.checks import check_inputs
 
     sc = cfg.sft
     clock = Clock()
@@ -80,6 +81,8 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     report = report or LoadReport("generated task", read=len(records), kept=len(records))
     base = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base)
+    check_inputs(cfg, base, tokenizer, lora=sc.mode == "lora",
+                 outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
     examples = encode(records, tokenizer, sc.max_seq_len, report)
     report.announce("sft.data_path")
     if len(examples) < 2:
