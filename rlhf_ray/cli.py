@@ -72,7 +72,8 @@ def _ppo(cfg: Config, resume=None) -> list[dict]:
         if trainer.resumed_from is not None:
             print(f"resumed from {trainer.resumed_from.path} (step {trainer.step_index}, adapter version "
                   f"{trainer.version}); {max(0, cfg.ppo.steps - trainer.step_index)} of ppo.steps={cfg.ppo.steps} to go")
-        return trainer.previous_records + trainer.run()
+        trainer.run()
+        return trainer.all_records
 
 
 def _finish(cfg: Config, records: list[dict]) -> None:

@@ -247,13 +247,22 @@ def torch_config(cfg: Config, use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu and not cfg.cluster.rehearse else "gloo")
 
 
+class LearnerRestarted(RuntimeError):
+    """Ray Train started the learner's workers again after one failed: their weights are the
+    initial ones until the driver restores a checkpoint."""
+
+
 class LearnerGroup:
     """Driver side of the Ray Train learner: ``TorchTrainer.fit`` runs in a thread while
-    the driver sends requests through per-rank queues and reads the replies."""
+    the driver sends requests through per-rank queues and reads the replies.
+
+    A worker that dies (or raises) makes Ray Train restart the whole group, up to
+    ``cluster.max_role_restarts`` times (its ``FailureConfig``); the new workers announce
+    themselves with fresh inboxes and the pending request raises :class:`LearnerRestarted`."""
 
     def __init__(self, cfg: Config, model_path: str, storage_dir: Path):
         import ray
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
@@ -262,25 +271,30 @@ class LearnerGroup:
         self.cfg = cfg
         self.world = cfg.learner.num_workers
         self.timeout = cfg.cluster.call_timeout_s
-        opts = {"num_cpus": 0}
-        self.inboxes = [Queue(actor_options=opts) for _ in range(self.world)]
-        self.outbox = Queue(actor_options=opts)
+        self.inboxes: list[Any] = []
+        self.outbox = Queue(actor_options={"num_cpus": 0})
+        self.restarts = 0
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg, "model_path": model_path, "inboxes": self.inboxes,
-                               "outbox": self.outbox},
+            train_loop_config={"cfg": cfg, "model_path": model_path, "outbox": self.outbox},
             scaling_config=ScalingConfig(
                 num_workers=self.world, use_gpu=cfg.learner.use_gpu,
                 resources_per_worker={"CPU": cfg.learner.num_cpus_per_worker}),
             torch_config=torch_config(cfg, cfg.learner.use_gpu),
-            run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name="learner"),
+            run_config=RunConfig(storage_path=str(Path(storage_dir).resolve()), name="learner",
+                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_role_restarts)),
         )
         self._error: Optional[BaseException] = None
         self._next_id = 0
+        self._fresh: dict[int, Any] = {}  # rank -> inbox, of a group that is announcing itself
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="learner-fit")
         self._thread.start()
-        ready = self._collect("ready", None)
-        self.initial_adapter_ref = ready[0][0]
+        try:
+            self._collect("ready", None)
+        except LearnerRestarted:
+            pass
+        self.restarts = 0  # the first start is not a restart
+        self.initial_adapter_ref = self._first_adapter
         self._ray = ray
 
     def _fit(self, trainer) -> None:
@@ -291,32 +305,61 @@ class LearnerGroup:
 
     def _collect(self, kind: str, request_id: Optional[int]) -> list[Any]:
         """One reply of ``kind`` to request ``request_id`` per rank, in rank order. A reply to
-        an earlier request (one that timed out on this side) is dropped, never credited here."""
+        an earlier request (one that timed out on this side) is dropped, never credited here.
+        A restarted group's announcements end the wait with :class:`LearnerRestarted`."""
         replies: dict[int, Any] = {}
         deadline = time.monotonic() + self.timeout
+        failed: Optional[str] = None  # a rank's error, while Ray Train may still restart the group
         while len(replies) < self.world:
             try:
                 k, rid, rank, payload = self.outbox.get(timeout=1.0)
             except _queue.Empty:
                 if not self._thread.is_alive():
-                    raise RoleFailed("learner", f"Ray Train run ended: {self._error!r}")
+                    raise RoleFailed("learner", f"Ray Train run ended: {self._error!r}"
+                                     + (f"; first error: {failed}" if failed else ""))
                 if time.monotonic() > deadline:
-                    raise RoleFailed("learner", f"no {kind!r} reply within cluster.call_timeout_s={self.timeout}s")
+                    raise RoleFailed("learner", failed or f"no {kind!r} reply within "
+                                     f"cluster.call_timeout_s={self.timeout}s")
+                continue
+            if k == "ready":
+                self._announce(rank, payload)
                 continue
             if k == "error":
-                raise RoleFailed(f"learner (rank {rank})", payload.strip().splitlines()[-1]
-                                 + "\n" + payload)
-            if rid != request_id:
+                detail = payload.strip().splitlines()[-1] + "\n" + payload
+                if self.restarts >= self.cfg.cluster.max_role_restarts:
+                    raise RoleFailed(f"learner (rank {rank})", detail)
+                failed = failed or f"rank {rank}: {detail}"
+                deadline = time.monotonic() + self.timeout  # time for Ray Train to restart the group
+                continue
+            if rid != request_id or failed:
                 continue
             if k != kind:
                 raise RoleFailed("learner", f"expected {kind!r}, got {k!r} from rank {rank}")
             replies[rank] = payload
         return [replies[r] for r in range(self.world)]
 
+    def _announce(self, rank: int, payload: dict) -> None:
+        """A worker of a (re)started group is ready; once every rank is, the group is used."""
+        self._fresh[rank] = payload["inbox"]
+        if rank == 0:
+            self._first_adapter = payload["adapter"][0]
+        if len(self._fresh) == self.world:
+            self.inboxes = [self._fresh[r] for r in range(self.world)]
+            self._fresh = {}
+            self.restarts += 1
+            raise LearnerRestarted(f"Ray Train restarted the learner's {self.world} workers "
+                                   f"(restart {self.restarts} of cluster.max_role_restarts="
+                                   f"{self.cfg.cluster.max_role_restarts})")
+
     def _request(self, kind: str, reply: str, batch_ref=None, version: Optional[int] = None) -> list[Any]:
+        from ray.exceptions import RayActorError
+
         self._next_id += 1
         for q in self.inboxes:
-            q.put((kind, self._next_id, [batch_ref], version))
+            try:
+                q.put((kind, self._next_id, [batch_ref], version))
+            except RayActorError:  # its worker died; the restarted group announces itself
+                pass
         return self._collect(reply, self._next_id)
 
     def evaluate(self, batch_ref) -> list[dict]:
@@ -339,5 +382,8 @@ class LearnerGroup:
     def stop(self) -> None:
         if self._thread.is_alive():
             for q in self.inboxes:
-                q.put(("stop",))
+                try:
+                    q.put(("stop",))
+                except Exception:  # a dead worker's inbox; Ray Train ends the rest
+                    pass
             self._thread.join(timeout=120)

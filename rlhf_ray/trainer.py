@@ -24,7 +24,7 @@ from .checkpoint import (Checkpoint, check_compatible, fingerprint, load_checkpo
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import RolloutFleet, request_seed
-from .launch import LearnerGroup, RoleFailed, RolePlacement, call, connect, preflight, spawn
+from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .telemetry import MetricsWriter, StageTimer
 
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
@@ -64,10 +64,12 @@ class PPOTrainer:
         from .data.prompts import load_prompt_texts
         from .data.task import JUDGES
         from .models import load_tokenizer
+        from .models.checks import check_inputs, check_writable
         from .stages import policy_base, reward_path
 
         self.cfg, self.progress = cfg, progress
         self._t0 = time.perf_counter()
+        check_writable("output.dir", cfg.output.dir)
         self.run_dir = cfg.output.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -76,6 +78,7 @@ class PPOTrainer:
         self.model_path = policy_base(cfg)
         self.reward_path = reward_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path)
+        check_inputs(cfg, self.model_path, self.tokenizer, key="ppo.base", reward_path=self.reward_path)
         self._context = min(self.tokenizer.model_max_length, _context_length(self.model_path))
         self.prompt_texts = load_prompt_texts(cfg.data, cfg.data.prompts_path)
         self.prompt_ids = self._tokenize(self.prompt_texts, cfg.data.prompts_path or "generated prompts")
@@ -146,6 +149,7 @@ class PPOTrainer:
         self._rng = random.Random(cfg.data.seed)
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
+        self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too
         self.evals: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
         self.adapter_dir: Optional[Path] = None
@@ -247,6 +251,31 @@ class PPOTrainer:
         return out
 
     def step(self) -> dict[str, Any]:
+        """One PPO step. When Ray Train had to restart the learner's workers, the run first goes
+        back to the last checkpoint, so the step made is the one after it (its record says which)."""
+        try:
+            return self._step()
+        except LearnerRestarted as e:
+            self._back_to_checkpoint(e)
+            return self._step()
+
+    def _back_to_checkpoint(self, why: LearnerRestarted) -> None:
+        import ray
+
+        path = self.checkpoint_dir or (self.resumed_from.path if self.resumed_from else None)
+        if path is None:
+            raise RoleFailed("learner", f"{why}, but there is no checkpoint to continue from "
+                             "(set checkpoint.every)") from why
+        ck = load_checkpoint(path)
+        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner}))
+        self.metrics.close()
+        self._restore_driver(ck.state)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
+        self.version, self.value_head = ck.adapter.version, ck.value_head
+        self.fleet.publish(ray.put(ck.adapter))
+        warnings.warn(f"{why}; continuing from {ck.path} (step {ck.step})", stacklevel=3)
+
+    def _step(self) -> dict[str, Any]:
         import ray
 
         cfg = self.cfg
@@ -305,6 +334,7 @@ class PPOTrainer:
             "response_tokens": n_tokens,
             "rollout_actors": len(self.fleet.members),
             "rollout_replaced": len(self.fleet.replaced),
+            "learner_restarts": self.learner.restarts,
             "time_s": times,
             "compute_s": compute,
             "overhead_frac": max(0.0, times["total"] - sum(compute.values())) / times["total"],
@@ -366,20 +396,25 @@ class PPOTrainer:
 
         if evaluate and "before" not in self.evals:  # a resumed run keeps its first evaluation
             self.evals["before"] = self.evaluate("before PPO")
+        first = self.step_index
+        target = first + steps if steps is not None else self.cfg.ppo.steps
         records = list(self.previous_records)
-        todo = steps if steps is not None else max(0, self.cfg.ppo.steps - self.step_index)
-        bar = tqdm(range(todo), desc="ppo", unit="step", disable=not self.progress, initial=0)
-        for _ in bar:
+        bar = tqdm(total=max(0, target - first), desc="ppo", unit="step", disable=not self.progress)
+        while self.step_index < target:
             rec = self.step()
-            records.append(rec)
+            # After a learner restart the run went back to a checkpoint: the steps since are redone.
+            records = [r for r in records if r["step"] < rec["step"]] + [rec]
+            bar.n = max(0, self.step_index - first)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_per_seq']:.3f}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", v=rec["published_version"])
+        bar.close()
+        self.all_records = records
         self.save_policy()
         if evaluate:
             self.evals["after"] = self.evaluate("after PPO")
         self.summary = self._summarise(records)
         (self.run_dir / "ppo.json").write_text(json.dumps(self.summary, indent=2))
-        return records[len(self.previous_records):]
+        return [r for r in records if r["step"] >= first]
 
     def _summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         # Step 0 pays the learner's and engines' first-call costs; rates are from the rest.
@@ -405,6 +440,7 @@ class PPOTrainer:
             "checkpoint": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "bad_steps": self.bad_steps.total,
+            "rollout_replaced": len(self.fleet.replaced), "learner_restarts": self.learner.restarts,
             "eval": self.evals,
         }
 

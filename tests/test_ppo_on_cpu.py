@@ -2,6 +2,8 @@
 2-worker Ray Train learner (gloo DDP). One trainer serves the whole module; its last test
 resumes the run from a checkpoint in a second trainer."""
 import json
+import os
+import signal
 
 import pytest
 import ray
@@ -167,6 +169,15 @@ def test_resume_matches_an_uninterrupted_run(trainer, records):
         assert [r["generated_with_version"] for r in new] == [[2], [3]]  # served the checkpoint's adapter first
         assert [r["reward_mean"] for r in new] == [r["reward_mean"] for r in records[2:4]]
         resumed = load_checkpoint(run_dir / "checkpoints" / "step-000004")
+
+        # A learner worker's process killed: Ray Train restarts the group (FailureConfig) and the
+        # run goes back to the step-4 checkpoint; generators and learner then agree again.
+        os.kill(tr.learner.memory()[1]["pid"], signal.SIGKILL)
+        with pytest.warns(UserWarning, match="restarted the learner"):
+            rec = tr.step()
+        assert (rec["step"], rec["generated_with_version"], rec["learner_restarts"]) == (4, [4], 1)
+        assert rec["logprob_gap"] < 1e-4 and rec["stale_samples"] == 0
+        assert rec["param_checksums"][0] == rec["param_checksums"][1]
     assert resumed.adapter.tensors.keys() == uninterrupted.adapter.tensors.keys()
     for k, v in uninterrupted.adapter.tensors.items():
         assert torch.equal(resumed.adapter.tensors[k], v), k

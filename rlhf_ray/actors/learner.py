@@ -187,7 +187,7 @@ class LearnerCore:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop. Requests in (one queue per rank): (kind, request_id, [batch_ref],
+    """Ray Train worker loop. Requests in (one queue per rank, made here): (kind, request_id, [batch_ref],
     version) with kind evaluate|update|memory|state|restore (restore's ref: a checkpoint's
     adapter, value head and learner state), or ("stop",). Replies out: (kind, request_id,
     rank, payload); rank 0's "updated" payload carries a [ref] to the new ``AdapterVersion``
@@ -196,9 +196,13 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
+    from ray.util.queue import Queue
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    inbox, outbox = config["inboxes"][rank], config["outbox"]
+    # Each worker makes its own inbox, announced with "ready": it dies with the worker, so when
+    # Ray Train restarts the group no request meant for the old workers reaches the new ones.
+    inbox, outbox = Queue(actor_options={"num_cpus": 0}), config["outbox"]
     cfg: Config = config["cfg"]
     request_id = None
     try:
@@ -207,7 +211,8 @@ def train_loop(config: dict[str, Any]) -> None:
             "learner", cfg.learner.use_gpu, cfg.cluster.rehearse))
         if world > 1:
             core.model = data_parallel(core.module)
-        outbox.put(("ready", None, rank, [ray.put(core.adapter(0))] if rank == 0 else None))
+        outbox.put(("ready", None, rank, {"inbox": inbox,
+                                          "adapter": [ray.put(core.adapter(0))] if rank == 0 else None}))
         while True:
             msg = inbox.get(block=True)
             kind = msg[0]

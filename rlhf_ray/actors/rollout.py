@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from ..batch import Samples
@@ -39,6 +40,7 @@ class RolloutGenerator:
         self.storage_note = ""
         self.version: Optional[int] = None
         self._lora = None
+        self._loads = 0  # adapters loaded so far: each load gets a LoRA id and name of its own
         from vllm import SamplingParams
 
         # The first generate in a fresh engine is slow (warm-up); pay it here, not in a step.
@@ -67,15 +69,19 @@ class RolloutGenerator:
             if self.storage_note:
                 print(f"{self.name}: {self.storage_note}", file=sys.stderr)
             self._dir = root / f"{self.name}-{os.getpid()}"
-        path = write_adapter(adapter, self._dir / f"v{adapter.version}")
-        # lora_int_id must be > 0 and new for every version.
-        request = LoRARequest(f"{self.name}-v{adapter.version}", adapter.version + 1, str(path))
+        # lora_int_id (> 0) and the name are new for every load, not just every version: after a
+        # resume or a learner restart a version number comes back with other weights, and vLLM
+        # caches adapters by id (and prefixes by name).
+        self._loads += 1
+        tag = f"v{adapter.version}-{self._loads}"
+        path = write_adapter(adapter, self._dir / tag)
+        request = LoRARequest(f"{self.name}-{tag}", self._loads, str(path))
         self.llm.llm_engine.add_lora(request)
-        old, old_version = self._lora, self.version
+        old = self._lora
         self._lora, self.version = request, adapter.version
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
-            remove_adapter_dir(self._dir / f"v{old_version}")
+            remove_adapter_dir(Path(old.lora_path))
         return {"version": adapter.version, "swap_s": time.perf_counter() - t}
 
     def generate(self, prompt_ids: list[list[int]], seeds: Optional[list[int]] = None, n: int = 1,
