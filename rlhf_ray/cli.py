@@ -204,6 +204,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
+    "soak": ("soak", "run"),
 }
 
 
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-prompts", type=int, default=64, help="rollout: prompts per round")
             p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
             p.add_argument("--soak", type=int, default=1000, help="sync: soak publishes")
-            p.add_argument("--steps", type=int, default=5, help="step/memory/scaling: measured PPO steps")
+            p.add_argument("--steps", type=int, default=5, help="step/memory/scaling/soak: measured PPO steps "
+                                                                  "(soak: use 300)")
             p.add_argument("--max-actors", type=int, default=2, help="scaling: largest rollout fleet")
             p.add_argument("--trl-steps", type=int, default=10, help="compare-trl: training steps of each")
             p.add_argument("--rows", type=int, default=8, help="learner-memory: batch rows")

@@ -384,6 +384,10 @@ class ClusterConfig:
     # The local head's dashboard listens here only; 0.0.0.0 exposes it (and job submission)
     # to the network, which a shared machine should do only behind token authentication.
     dashboard_host: str = "127.0.0.1"
+    # token: a local head started here requires Ray's token authentication (its GCS and raylets
+    # listen on every interface); a machine with no token yet gets one, as `ray get-auth-token
+    # --generate` makes it. ray_default: Ray's own choice (token auth only where a token exists).
+    local_auth: str = "token"
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
@@ -391,6 +395,8 @@ class ClusterConfig:
         _positive(self, "call_timeout_s", "nodes", "gpu_memory_gib")
         _check(self.max_role_restarts >= 0, "max_role_restarts", f"must be >= 0, got {self.max_role_restarts!r}")
         _check(bool(self.dashboard_host), "dashboard_host", "must be a host address, e.g. 127.0.0.1")
+        _check(self.local_auth in ("token", "ray_default"), "local_auth",
+               f"must be 'token' or 'ray_default', got {self.local_auth!r}")
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,10 @@ class RolloutFleet:
         order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])  # stable: groups stay in order
         return samples.reordered(order)
 
+    def adapter_state(self) -> dict[str, dict]:
+        refs = [(name, h.adapter_state.remote()) for name, h in self.members]
+        return {name: call(name, ref, self.timeout) for name, ref in refs}
+
     def memory(self) -> dict[str, dict]:
         refs = [(name, h.memory_stats.remote()) for name, h in self.members]
         return {name: call(name, ref, self.timeout) for name, ref in refs}

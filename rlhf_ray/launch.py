@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue as _queue
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,11 +61,32 @@ def connect(cfg: Config) -> str:
             _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return f"joined {address}"
+    auth = _local_auth(cfg.cluster.local_auth)
     # address="local": a head of our own even when another local cluster is running. The
     # dashboard (which also accepts job submissions) listens on cluster.dashboard_host only.
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
              dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": dict(ROLE_ENV)})
-    return "started a local head"
+    return f"started a local head (dashboard on {cfg.cluster.dashboard_host}; {auth})"
+
+
+def _local_auth(mode: str) -> str:
+    """Make sure a local head asks for Ray's auth token: Ray enables token authentication by
+    itself when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and
+    RAY_AUTH_MODE is unset; where none exists, one is made in ~/.ray/auth_token (what `ray
+    get-auth-token --generate` does). Without it anyone who reaches the machine's Ray ports
+    could run code in the roles."""
+    if mode != "token" or os.environ.get("RAY_AUTH_MODE"):
+        return f"authentication: RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}"
+    default = Path.home() / ".ray" / "auth_token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default.is_file()):
+        import secrets
+
+        default.parent.mkdir(parents=True, exist_ok=True)
+        default.touch(mode=0o600)
+        default.write_text(secrets.token_hex(32))
+        print(f"rlhf-ray: made a Ray auth token in {default} so the local head asks for it "
+              "(cluster.local_auth=ray_default: leave it to Ray)", file=sys.stderr)
+    return "token authentication"
 
 
 def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:

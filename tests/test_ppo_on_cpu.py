@@ -22,7 +22,7 @@ def trainer(make_cfg):
     # A large learning rate makes consecutive adapter versions clearly different, so a
     # generator serving a stale version could not hide inside the log-prob tolerance.
     cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2",
-                   "checkpoint.every=2", "checkpoint.keep=10", "cluster.max_role_restarts=1")
+                   "checkpoint.every=2", "checkpoint.keep=100", "cluster.max_role_restarts=1")
     tr = PPOTrainer(cfg, progress=False)
     yield tr
     tr.close()
@@ -107,6 +107,22 @@ def test_rollout_fleet_scales_between_steps(trainer, records):
     assert r2["logprob_gap"] < 1e-4
 
 
+def test_local_head_dashboard_is_local_and_ray_asks_for_a_token(trainer, tmp_path):
+    """The head this trainer started: its dashboard (which takes job submissions) listens on
+    127.0.0.1 only, and a process without the auth token cannot join it."""
+    import subprocess
+    import sys
+
+    info = ray._private.worker.global_worker.node.address_info
+    assert info["webui_url"].split(":")[0] == "127.0.0.1"
+    assert "token authentication" in trainer.how_connected
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path), RAY_ADDRESS="")  # no ~/.ray/auth_token there
+    out = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={info['gcs_address']!r}); print('JOINED')"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "JOINED" not in out.stdout
+
+
 def test_checkpoints_hold_what_the_next_step_needs(trainer, records):
     found = [p.name for p in list_checkpoints(trainer.run_dir)]
     assert found[:2] == ["step-000002", "step-000004"]
@@ -115,6 +131,17 @@ def test_checkpoints_hold_what_the_next_step_needs(trainer, records):
     assert ck.value_head and ck.learner["optimizer"]["state"]  # Adam's moments, per trainable tensor
     # The adaptive KL controller's value as it had moved (verl and OpenRLHF lose it on resume).
     assert ck.state["kl_coef"] != trainer.cfg.ppo.kl_coef
+
+
+def test_short_soak_keeps_memory_and_adapters_flat(trainer, records):
+    """`rlhf-ray bench soak` in short: a publish every step leaves nothing behind."""
+    from benchmarks.soak import measure
+
+    res = measure(trainer, steps=8, early=2)
+    print(f"RSS growth step 2 -> 8: {res['rss_growth']}; object store: {res['store_growth']}")
+    assert res["targets"]["adapters_flat"]["met"], res["last"]["generators"]
+    assert res["store_growth"] is not None and res["store_growth"] <= 0.10
+    assert max(res["rss_growth"].values()) <= 0.10, res["rss_growth"]
 
 
 def test_generator_killed_mid_step_is_replaced_and_its_share_redone(trainer, records):
@@ -187,4 +214,4 @@ def test_resume_matches_an_uninterrupted_run(trainer, records):
         for k, v in st.items():
             assert torch.equal(resumed.learner["optimizer"]["state"][i][k], v), (i, k)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3, 4]  # step 4 made after the restart

@@ -110,6 +110,12 @@ class RolloutGenerator:
         samples.compute_s = time.perf_counter() - t
         return samples
 
+    def adapter_state(self) -> dict:
+        """What serving adapters holds on to: LoRA slots in the engine, version directories on
+        the RAM disk. Both must stay at one however many versions were published."""
+        dirs = len(list(Path(self._dir).iterdir())) if self._dir is not None and Path(self._dir).is_dir() else 0
+        return {"version": self.version, "loaded_loras": len(self.llm.llm_engine.list_loras()), "adapter_dirs": dirs}
+
     def memory_stats(self) -> dict:
         return {"role": self.role, "name": self.name, **self.memory.stats()}
 
