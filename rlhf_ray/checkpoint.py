@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -148,6 +148,13 @@ def metrics_prefix(path: Path, lines: int) -> list[dict]:
     return [json.loads(line) for line in kept]
 
 
-def newest_step(run_dir: Path) -> Optional[int]:
-    found = list_checkpoints(run_dir)
-    return int(found[-1].name[len(PREFIX):]) if found else None
+def discard_checkpoints(run_dir: Path, after: int) -> list[Path]:
+    """Remove the checkpoints of ``run_dir`` past step ``after`` (-1: all); returns them."""
+    gone = [p for p in list_checkpoints(run_dir) if _step_of(p) > after]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])

@@ -25,6 +25,7 @@ class RolloutFleet:
         self.placement = placement
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0
+        self._slot: dict[str, str] = {}  # generator -> the layout name whose bundle it holds
         self.latest_adapter = None
         # Generators that died or hung and were replaced: (old name, new name, why).
         self.replaced: list[tuple[str, str, str]] = []
@@ -38,16 +39,19 @@ class RolloutFleet:
         for gen in [self._spawn() for _ in range(self.cfg.rollout.num_actors)]:
             self._attach(gen)
 
-    def _spawn(self) -> tuple[str, Any]:
+    def _spawn(self, slot: Optional[str] = None) -> tuple[str, Any]:
+        """A new generator; ``slot``: the layout name whose placement bundle it takes (a
+        replacement takes its predecessor's; by default its own name's, if the layout has one)."""
         from .actors.rollout import RolloutGenerator
 
         i = self._spawned
         self._spawned += 1
         name = f"rollout-{i}"
+        self._slot[name] = slot or name
         r = self.cfg.rollout
         return name, spawn(RolloutGenerator, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
                            num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len,
-                           placement=self.placement.options(name) if self.placement else None)
+                           placement=self.placement.options(self._slot[name]) if self.placement else None)
 
     def _attach(self, gen: tuple[str, Any]) -> None:
         """A generator joins the fleet only once it serves the latest adapter."""
@@ -79,12 +83,17 @@ class RolloutFleet:
                              f"generator(s), the most cluster.max_role_restarts={limit} allows", why.kind) from why
         i = next(k for k, (n, _) in enumerate(self.members) if n == name)
         try:
-            ray.kill(self.members[i][1])  # a hung one still holds its GPU share
+            ray.kill(self.members[i][1])  # a hung one still holds its GPU share (and its bundle)
         except Exception:
             pass
-        new = self._spawn()
+        # Into the same placement bundle: on a full GPU cluster there is no other room.
+        new = self._spawn(slot=self._slot.get(name))
         print(f"rlhf-ray: {name} {why.kind or 'failed'} ({why}); replaced by {new[0]}", file=sys.stderr)
-        call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.timeout)
+        try:
+            call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.timeout)
+        except BaseException:
+            _stop(new)
+            raise
         self.members[i] = new
         self.replaced.append((name, new[0], str(why)))
         return new

@@ -269,9 +269,13 @@ def torch_config(cfg: Config, use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu and not cfg.cluster.rehearse else "gloo")
 
 
-class LearnerRestarted(RuntimeError):
+class LearnerRestarted(RoleFailed):
     """Ray Train started the learner's workers again after one failed: their weights are the
-    initial ones until the driver restores a checkpoint."""
+    initial ones until the driver restores a checkpoint. Where nothing restores one, it ends
+    the run like any other role failure, naming the learner."""
+
+    def __init__(self, detail: str):
+        super().__init__("learner", detail, "restarted")
 
 
 class LearnerGroup:
@@ -309,13 +313,15 @@ class LearnerGroup:
         self._error: Optional[BaseException] = None
         self._next_id = 0
         self._fresh: dict[int, Any] = {}  # rank -> inbox, of a group that is announcing itself
+        self._fresh_group: Optional[str] = None
+        self.group: Optional[str] = None  # the id of the worker group the inboxes belong to
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="learner-fit")
         self._thread.start()
         try:
             self._collect("ready", None)
         except LearnerRestarted:
             pass
-        self.restarts = 0  # the first start is not a restart
+        self.restarts -= 1  # the first start is not a restart (a failed start-up is)
         self.initial_adapter_ref = self._first_adapter
         self._ray = ray
 
@@ -344,10 +350,16 @@ class LearnerGroup:
                                      f"cluster.call_timeout_s={self.timeout}s")
                 continue
             if k == "ready":
+                deadline = time.monotonic() + self.timeout  # a group is starting: give it the time
                 self._announce(rank, payload)
                 continue
             if k == "error":
-                detail = payload.strip().splitlines()[-1] + "\n" + payload
+                if payload["group"] not in (None, self.group, self._fresh_group):
+                    continue  # from a group already replaced
+                if payload["group"] is not None and payload["group"] == self._fresh_group:
+                    self._fresh, self._fresh_group = {}, None  # that group will not finish starting
+                tb = payload["traceback"]
+                detail = tb.strip().splitlines()[-1] + "\n" + tb
                 if self.restarts >= self.cfg.cluster.max_role_restarts:
                     raise RoleFailed(f"learner (rank {rank})", detail)
                 failed = failed or f"rank {rank}: {detail}"
@@ -361,13 +373,15 @@ class LearnerGroup:
         return [replies[r] for r in range(self.world)]
 
     def _announce(self, rank: int, payload: dict) -> None:
-        """A worker of a (re)started group is ready; once every rank is, the group is used."""
+        """A worker of a (re)started group is ready; once every rank of that group is, it is used."""
+        if payload["group"] != self._fresh_group:  # the first of a new group: an older one never finished
+            self._fresh, self._fresh_group = {}, payload["group"]
         self._fresh[rank] = payload["inbox"]
         if rank == 0:
             self._first_adapter = payload["adapter"][0]
         if len(self._fresh) == self.world:
             self.inboxes = [self._fresh[r] for r in range(self.world)]
-            self._fresh = {}
+            self.group, self._fresh, self._fresh_group = self._fresh_group, {}, None
             self.restarts += 1
             raise LearnerRestarted(f"Ray Train restarted the learner's {self.world} workers "
                                    f"(restart {self.restarts} of cluster.max_role_restarts="

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,8 +20,8 @@ import torch
 
 from . import algo
 from .batch import pad_samples
-from .checkpoint import (Checkpoint, check_compatible, fingerprint, load_checkpoint, metrics_prefix,
-                         random_state_from_json, random_state_to_json, save_checkpoint)
+from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fingerprint, load_checkpoint,
+                         metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import RolloutFleet, request_seed
@@ -30,8 +31,9 @@ from .telemetry import MetricsWriter, StageTimer
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
 
 
-class NumericError(RuntimeError):
-    """More than ``ppo.max_bad_steps`` steps in a row had NaN or inf in their data or gradients."""
+class NumericError(ValueError):
+    """More than ``ppo.max_bad_steps`` steps in a row had NaN or inf in their data or gradients
+    (a ValueError, so the CLI reports it in one line like other bad values)."""
 
 
 class BadSteps:
@@ -72,7 +74,6 @@ class PPOTrainer:
         check_writable("output.dir", cfg.output.dir)
         self.run_dir = cfg.output.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
         # Everything that can be checked locally is checked before any actor starts.
         self.model_path = policy_base(cfg)
@@ -93,6 +94,13 @@ class PPOTrainer:
         if resume is not None:
             self.resumed_from = load_checkpoint(resume)
             check_compatible(self.resumed_from, self.fingerprint)
+        # This run's checkpoints only: a new run here drops an earlier run's, a resumed one those
+        # after its checkpoint (the future it abandons), so "newest" and pruning mean this run's.
+        dropped = discard_checkpoints(self.run_dir, after=self.resumed_from.step if self.resumed_from else -1)
+        if dropped:
+            print(f"rlhf-ray: removed {len(dropped)} checkpoint(s) of an earlier run in {self.run_dir / 'checkpoints'} "
+                  f"({', '.join(p.name for p in dropped)})", file=sys.stderr)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))  # after the checks: a refused resume keeps it
 
         import ray
 
@@ -127,7 +135,7 @@ class PPOTrainer:
             self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
             self.version = 0
             self.value_head: dict[str, torch.Tensor] = {}
-            first_adapter = self.learner.initial_adapter_ref
+            first_adapter = _own(self.learner.initial_adapter_ref)
             if self.resumed_from is not None:
                 ck = self.resumed_from
                 self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head,
@@ -253,11 +261,15 @@ class PPOTrainer:
     def step(self) -> dict[str, Any]:
         """One PPO step. When Ray Train had to restart the learner's workers, the run first goes
         back to the last checkpoint, so the step made is the one after it (its record says which)."""
-        try:
-            return self._step()
-        except LearnerRestarted as e:
-            self._back_to_checkpoint(e)
-            return self._step()
+        restarted: Optional[LearnerRestarted] = None
+        while True:  # ends: Ray Train stops restarting after cluster.max_role_restarts (RoleFailed)
+            try:
+                if restarted is not None:
+                    self._back_to_checkpoint(restarted)
+                    restarted = None
+                return self._step()
+            except LearnerRestarted as e:
+                restarted = e
 
     def _back_to_checkpoint(self, why: LearnerRestarted) -> None:
         import ray
@@ -293,12 +305,12 @@ class PPOTrainer:
             if exp.trainable_tokens >= 2 and not bad:
                 updated = self.learner.update(ray.put(exp.batch), self.version + 1)
                 if any(u["stats"]["nonfinite_grad"] for u in updated):
-                    bad.append("gradients")
+                    bad.append("gradients")  # the learner put its state back: nothing to publish
         with timer.stage("publish"):
             swaps = []
-            if updated is not None:
+            if updated is not None and not bad:
                 self.value_head = updated[0]["value_head"]
-                swaps = self.fleet.publish(updated[0]["adapter"][0])
+                swaps = self.fleet.publish(_own(updated[0]["adapter"][0]))
                 self.version += 1
         times = timer.finish()
         if not bad:  # a NaN KL would poison the adaptive coefficient for the rest of the run
@@ -310,7 +322,7 @@ class PPOTrainer:
         self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
         if cfg.output.save_every and self.step_index % cfg.output.save_every == 0:
             self.save_policy()
-        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0:
+        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0 and not bad:
             self.save_checkpoint()
         return record
 
@@ -471,6 +483,14 @@ class PPOTrainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _own(ref):
+    """The driver's own copy of an object a role put in the store: an object lives only as long
+    as the process that put it, and the learner's rank 0 may die and be restarted."""
+    import ray
+
+    return ray.put(ray.get(ref))
 
 
 def nonfinite_parts(exp: Experience) -> list[str]:

@@ -80,6 +80,17 @@ def test_cli_resume_without_a_checkpoint_fails_before_any_actor(tmp_path, capsys
     assert "holds no checkpoint" in err and str(tmp_path) in err
 
 
+def test_a_new_run_drops_an_earlier_runs_checkpoints_and_a_resume_the_later_ones(tmp_path):
+    from rlhf_ray.checkpoint import discard_checkpoints
+
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, _state(step), _adapter(step), {}, {"optimizer": {}}, keep=5)
+    assert [p.name for p in discard_checkpoints(tmp_path, after=2)] == ["step-000004", "step-000006"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
+    discard_checkpoints(tmp_path, after=-1)
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_prompt_order_rng_and_metrics_survive_the_round_trip(tmp_path):
     rng = random.Random(5)
     rng.random()
@@ -107,14 +118,17 @@ def test_learner_restore_continues_exactly(tiny_cfg, tiny_model_dir):
             assert torch.equal(pa, pb), name
 
 
-def test_nonfinite_gradients_skip_the_update(tiny_cfg, tiny_model_dir):
+def test_nonfinite_gradients_skip_the_whole_update(tiny_cfg, tiny_model_dir):
+    """NaN in the second minibatch: the first one's optimizer step is taken back too."""
     cfg, core, batch = _updated_core(tiny_cfg, tiny_model_dir)
     before = [p.detach().clone() for p in core.params]
-    batch.advantages[0, -1] = float("nan")
+    # The learner's minibatch order (its RNG starts at model.seed): rows perm[2:4] are minibatch 2.
+    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.model.seed))
+    batch.advantages[int(perm[2]), -1] = float("nan")
     stats = core.update(batch)
-    assert stats["nonfinite_grad"] == 1.0 and stats["optimizer_steps"] == 0
+    assert stats["nonfinite_grad"] == 1.0 and stats["optimizer_steps"] == 1
     assert all(torch.equal(p, q) for p, q in zip(core.params, before))
-    assert not core.optimizer.state  # Adam's moments were not touched either
+    assert not core.optimizer.state  # Adam's moments are back to none as well
 
 
 def test_nonfinite_step_inputs_are_named():

@@ -116,11 +116,13 @@ def test_local_head_dashboard_is_local_and_ray_asks_for_a_token(trainer, tmp_pat
     info = ray._private.worker.global_worker.node.address_info
     assert info["webui_url"].split(":")[0] == "127.0.0.1"
     assert "token authentication" in trainer.how_connected
+    join = [sys.executable, "-c", f"import ray; ray.init(address={info['gcs_address']!r}); print('JOINED')"]
+    insider = subprocess.run(join, capture_output=True, text=True, timeout=300)  # has the token
+    assert "JOINED" in insider.stdout, insider.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(tmp_path), RAY_ADDRESS="")  # no ~/.ray/auth_token there
-    out = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={info['gcs_address']!r}); print('JOINED')"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "JOINED" not in out.stdout
+    outsider = subprocess.run(join, env=env, capture_output=True, text=True, timeout=300)
+    assert outsider.returncode != 0 and "JOINED" not in outsider.stdout
 
 
 def test_checkpoints_hold_what_the_next_step_needs(trainer, records):
@@ -149,8 +151,9 @@ def test_generator_killed_mid_step_is_replaced_and_its_share_redone(trainer, rec
     latest adapter and generates the lost share again; with per-request seeds the samples are
     the ones an undisturbed fleet makes, none lost, none twice."""
     fleet = trainer.fleet
-    ids, texts = trainer.prompt_ids[:6], trainer.prompt_texts[:6]
-    seeds = [request_seed(11, 99, j) for j in range(6)]
+    # Enough work that the victim cannot have answered before the kill lands.
+    ids, texts = trainer.prompt_ids[:12], trainer.prompt_texts[:12]
+    seeds = [request_seed(11, 99, j) for j in range(12)]
     clean = fleet.generate(ids, texts, n=2, seeds=seeds)
     victim, handle = fleet.members[0]
     fleet.after_dispatch = lambda: ray.kill(handle)
@@ -160,18 +163,20 @@ def test_generator_killed_mid_step_is_replaced_and_its_share_redone(trainer, rec
         fleet.after_dispatch = None
     assert fleet.replaced and fleet.replaced[-1][0] == victim
     assert victim not in [name for name, _ in fleet.members] and len(fleet.members) == 2
-    assert got.prompt_index == clean.prompt_index == [j for j in range(6) for _ in range(2)]
+    assert got.prompt_index == clean.prompt_index == [j for j in range(12) for _ in range(2)]
     assert got.response_ids == clean.response_ids
-    assert got.versions == clean.versions == [trainer.version] * 12
+    assert got.versions == clean.versions == [trainer.version] * 24
     rec = trainer.step()
     assert rec["stale_samples"] == 0 and rec["samples"] == 8 and rec["logprob_gap"] < 1e-4
     assert rec["rollout_replaced"] == 1
 
 
 def test_reward_actor_restarts_and_the_call_is_retried(trainer, records):
+    pid = ray.get(trainer.reward.memory_stats.remote())["pid"]
     ray.kill(trainer.reward, no_restart=False)  # as a crash: Ray starts it again
     rec = trainer.step()
     assert rec["samples"] == 8 and rec["nonfinite"] == [] and rec["reward_std"] > 0
+    assert rec["memory"]["reward"]["pid"] != pid  # a new process answered
 
 
 def test_dead_actor_is_reported_with_its_role(trainer, records):

@@ -14,7 +14,9 @@ adapter and value head (fp32) have gradients and optimizer state.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
+import uuid
 import traceback
 from typing import Any, Optional
 
@@ -95,6 +97,9 @@ class LearnerCore:
         count = 0
         shift, shift_tokens = 0.0, 0.0
         nonfinite = False
+        # Taken back if a gradient turns out NaN/inf, so a bad update changes nothing at all
+        # (adapter + head + Adam moments: ~200 MB for Llama-2-7B at r=16, on the learner's device).
+        before = ([p.detach().clone() for p in self.params], copy.deepcopy(self.optimizer.state_dict()))
         for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
             for start in range(0, n, lc.minibatch_size):
@@ -129,9 +134,13 @@ class LearnerCore:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     # NaN/inf anywhere in the minibatch reaches every rank through the all-reduce,
-                    # so all ranks stop here together; the rest of this update is dropped too,
-                    # since its data or the weights are what went wrong.
+                    # so all ranks stop here together and put back the state from before the
+                    # update: the whole update is skipped, the earlier minibatches' steps too.
                     self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for p, old in zip(self.params, before[0]):
+                            p.copy_(old)
+                    self.optimizer.load_state_dict(before[1])
                     nonfinite = True
                     break
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
@@ -139,6 +148,7 @@ class LearnerCore:
                 count += 1
             if nonfinite:
                 break
+        del before
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["nonfinite_grad"] = float(nonfinite)
         stats["optimizer_steps"] = count
@@ -205,13 +215,15 @@ def train_loop(config: dict[str, Any]) -> None:
     inbox, outbox = Queue(actor_options={"num_cpus": 0}), config["outbox"]
     cfg: Config = config["cfg"]
     request_id = None
+    group = None
     try:
         torch.set_num_threads(config.get("torch_threads", 1))
         core = LearnerCore(cfg, config["model_path"], rank, world, device=train_device(
             "learner", cfg.learner.use_gpu, cfg.cluster.rehearse))
         if world > 1:
             core.model = data_parallel(core.module)
-        outbox.put(("ready", None, rank, {"inbox": inbox,
+        group = _group_id(world, core.device)
+        outbox.put(("ready", None, rank, {"inbox": inbox, "group": group,
                                           "adapter": [ray.put(core.adapter(0))] if rank == 0 else None}))
         while True:
             msg = inbox.get(block=True)
@@ -247,8 +259,19 @@ def train_loop(config: dict[str, Any]) -> None:
             else:
                 raise ValueError(f"unknown learner request {kind!r}")
     except Exception:
-        outbox.put(("error", request_id, rank, traceback.format_exc()))
+        outbox.put(("error", request_id, rank, {"group": group, "traceback": traceback.format_exc()}))
         raise
+
+
+def _group_id(world: int, device: torch.device) -> str:
+    """One id per start of the worker group (rank 0's, shared over the process group): the
+    driver never mixes announcements or errors of two groups."""
+    gid = [uuid.uuid4().hex]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(gid, src=0, device=device if dist.get_backend() == "nccl" else None)
+    return gid[0]
 
 
 def _cpu_copy(obj: Any) -> Any:

@@ -69,6 +69,7 @@ class RolloutGenerator:
             if self.storage_note:
                 print(f"{self.name}: {self.storage_note}", file=sys.stderr)
             self._dir = root / f"{self.name}-{os.getpid()}"
+            _sweep_dead(root)
         # lora_int_id (> 0) and the name are new for every load, not just every version: after a
         # resume or a learner restart a version number comes back with other weights, and vLLM
         # caches adapters by id (and prefixes by name).
@@ -123,3 +124,17 @@ class RolloutGenerator:
         if self._dir is not None:
             remove_adapter_dir(self._dir)
         self.memory.close()
+
+
+def _sweep_dead(root: Path) -> None:
+    """Remove the adapter directories of generators whose process is gone (killed or crashed:
+    their ``shutdown`` never ran). Directories are named ``<generator>-<pid>``, and a RAM disk
+    is per machine, so a pid that no longer runs here is a dead generator's."""
+    import psutil
+
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            remove_adapter_dir(d)
