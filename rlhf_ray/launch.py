@@ -74,19 +74,22 @@ def _local_auth(mode: str) -> str:
     itself when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and
     RAY_AUTH_MODE is unset; where none exists, one is made in ~/.ray/auth_token (what `ray
     get-auth-token --generate` does). Without it anyone who reaches the machine's Ray ports
-    could run code in the roles."""
-    if mode != "token" or os.environ.get("RAY_AUTH_MODE"):
-        return f"authentication: RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}"
+    could run code in the roles. Returns what the head will do, for the start-up line."""
+    env_mode = os.environ.get("RAY_AUTH_MODE", "")
+    if env_mode and env_mode.lower() != "token":
+        return f"authentication: RAY_AUTH_MODE={env_mode}"
     default = Path.home() / ".ray" / "auth_token"
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default.is_file()):
+    have = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or default.is_file())
+    if not have and mode == "token":
         import secrets
 
         default.parent.mkdir(parents=True, exist_ok=True)
         default.touch(mode=0o600)
         default.write_text(secrets.token_hex(32))
+        have = True
         print(f"rlhf-ray: made a Ray auth token in {default} so the local head asks for it "
               "(cluster.local_auth=ray_default: leave it to Ray)", file=sys.stderr)
-    return "token authentication"
+    return "token authentication" if have else "no authentication (no Ray auth token on this machine)"
 
 
 def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:

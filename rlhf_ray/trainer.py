@@ -316,7 +316,8 @@ class PPOTrainer:
         if not bad:  # a NaN KL would poison the adaptive coefficient for the rest of the run
             self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
         record = self._record(exp, times, updated, swaps, stale, kl_coef)
-        record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad))
+        record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad),
+                      update_skipped=record["update_skipped"] or bool(bad))
         self.metrics.write(record)
         self.step_index += 1
         self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
