@@ -137,12 +137,8 @@ class PPOTrainer:
             self.value_head: dict[str, torch.Tensor] = {}
             first_adapter = _own(self.learner.initial_adapter_ref)
             if self.resumed_from is not None:
-                ck = self.resumed_from
-                self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head,
-                                              "learner": ck.learner}))
-                self.version, self.value_head = ck.adapter.version, ck.value_head
                 # The generators serve the checkpoint's adapter before the first rollout.
-                first_adapter = ray.put(ck.adapter)
+                first_adapter = self._restore_learner(self.resumed_from)
             self.fleet.start(first_adapter)
             self.layout = self._where()
         except BaseException:
@@ -271,20 +267,26 @@ class PPOTrainer:
             except LearnerRestarted as e:
                 restarted = e
 
-    def _back_to_checkpoint(self, why: LearnerRestarted) -> None:
+    def _restore_learner(self, ck: Checkpoint):
+        """Every learner rank loads ``ck``; the driver takes its adapter version and value head.
+        Returns the object-store ref of the adapter for the generators."""
         import ray
 
+        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner}))
+        self.version, self.value_head = ck.adapter.version, ck.value_head
+        return ray.put(ck.adapter)
+
+    def _back_to_checkpoint(self, why: LearnerRestarted) -> None:
         path = self.checkpoint_dir or (self.resumed_from.path if self.resumed_from else None)
         if path is None:
             raise RoleFailed("learner", f"{why}, but there is no checkpoint to continue from "
                              "(set checkpoint.every)") from why
         ck = load_checkpoint(path)
-        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner}))
+        adapter_ref = self._restore_learner(ck)
         self.metrics.close()
         self._restore_driver(ck.state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
-        self.version, self.value_head = ck.adapter.version, ck.value_head
-        self.fleet.publish(ray.put(ck.adapter))
+        self.fleet.publish(adapter_ref)
         warnings.warn(f"{why}; continuing from {ck.path} (step {ck.step})", stacklevel=3)
 
     def _step(self) -> dict[str, Any]:
