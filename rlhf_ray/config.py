@@ -337,7 +337,16 @@ class PPOConfig:
     kl_target: Optional[float] = None  # set to use the adaptive KL controller
     kl_horizon: int = 10000
     estimator: str = "gae"  # advantage estimator, from rlhf_ray.algo.ESTIMATORS
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # gae only: the critic-free estimators normalise on their own
+    group_std: bool = True  # grpo: divide by the prompt's reward std (dr_grpo never does)
+    # reward: -kl_coef * KL_t on every token's reward (PPO, REINFORCE++); loss: kl_coef * KL as a
+    # loss term on the learner's own log-probs (GRPO style; use kl_estimator k3 with it).
+    kl_in: str = "reward"
+    clip_eps_high: Optional[float] = None  # upper clip of the ratio (DAPO clip-higher); null = clip_eps
+    ratio_level: str = "token"  # token: PPO's ratio per token; sequence: GSPO's per response
+    # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm; null = the estimator's own
+    # (dr_grpo: seq_mean_token_sum_norm, over rollout.max_new_tokens; the others token_mean)
+    loss_agg: Optional[str] = None
     # A response cut at rollout.max_new_tokens (no EOS): score it as if finished (rewards running
     # to the limit), give it truncated_penalty instead of its score, or mask it (no reward, no loss).
     truncated: str = "penalty"
@@ -361,6 +370,15 @@ class PPOConfig:
 
         _check(self.estimator in ESTIMATORS, "estimator",
                f"must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
+        _check(self.kl_in in ("reward", "loss"), "kl_in", f"must be 'reward' or 'loss', got {self.kl_in!r}")
+        _check(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high",
+               f"must be > 0 or null, got {self.clip_eps_high!r}")
+        _check(self.ratio_level in ("token", "sequence"), "ratio_level",
+               f"must be 'token' or 'sequence', got {self.ratio_level!r}")
+        from .algo.masked import LOSS_AGGREGATIONS
+
+        _check(self.loss_agg is None or self.loss_agg in LOSS_AGGREGATIONS, "loss_agg",
+               f"must be one of {list(LOSS_AGGREGATIONS)} or null, got {self.loss_agg!r}")
         _check(self.truncated in ("score", "penalty", "mask"), "truncated",
                f"must be one of score, penalty, mask, got {self.truncated!r}")
 
@@ -460,6 +478,19 @@ class Config:
         _check(rows % lc.minibatch_size == 0, "ppo.batch_size",
                f"{self.ppo.batch_size} prompts x rollout.samples_per_prompt={self.rollout.samples_per_prompt} "
                f"= {rows} rows is not divisible by learner.minibatch_size={lc.minibatch_size}")
+
+        from .algo.estimators import ESTIMATORS
+
+        _check(not ESTIMATORS[self.ppo.estimator].needs_groups or self.rollout.samples_per_prompt >= 2,
+               "rollout.samples_per_prompt", f"ppo.estimator={self.ppo.estimator} compares the samples of a "
+               f"prompt and needs at least 2, got {self.rollout.samples_per_prompt}")
+
+    @property
+    def loss_agg(self) -> str:
+        """The loss aggregation in force: ppo.loss_agg, or the estimator's own."""
+        from .algo.estimators import ESTIMATORS
+
+        return self.ppo.loss_agg or ESTIMATORS[self.ppo.estimator].loss_agg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -76,14 +76,17 @@ class ExperienceMaker:
             mask = batch.action_mask
             rewards, trains = algo.apply_truncation(scores, torch.tensor(samples.finished), cfg.ppo.truncated,
                                                     cfg.ppo.truncated_penalty)
+            # With ppo.kl_in=loss the KL is still measured here (metrics, adaptive coefficient) but
+            # the learner applies it, so the rewards carry the score alone.
             token_rewards, kl = algo.kl_shaped_rewards(rewards, batch.old_logprobs, batch.ref_logprobs, mask,
-                                                       kl_coef, cfg.ppo.kl_estimator)
+                                                       kl_coef if cfg.ppo.kl_in == "reward" else 0.0,
+                                                       cfg.ppo.kl_estimator)
             batch.action_mask = mask * trains.to(mask.dtype).unsqueeze(1)
             if batch.action_mask.sum() >= 2:
                 batch.advantages, batch.returns = algo.estimate_advantages(
                     cfg.ppo.estimator, token_rewards, batch.old_values, batch.action_mask, gamma=cfg.ppo.gamma,
                     lam=cfg.ppo.lam, groups=torch.tensor(samples.prompt_index),
-                    whiten_advantages=cfg.ppo.whiten_advantages)
+                    whiten_advantages=cfg.ppo.whiten_advantages, group_std=cfg.ppo.group_std)
             else:  # nothing trains this step (every response cut, with ppo.truncated=mask)
                 batch.advantages = batch.returns = torch.zeros_like(mask)
         return Experience(samples, batch, mask, scores, rewards, kl,

@@ -390,13 +390,14 @@ class LearnerGroup:
                                    f"(restart {self.restarts} of cluster.max_role_restarts="
                                    f"{self.cfg.cluster.max_role_restarts})")
 
-    def _request(self, kind: str, reply: str, batch_ref=None, version: Optional[int] = None) -> list[Any]:
+    def _request(self, kind: str, reply: str, batch_ref=None, version: Optional[int] = None,
+                 options: Optional[dict] = None) -> list[Any]:
         from ray.exceptions import RayActorError
 
         self._next_id += 1
         for q in self.inboxes:
             try:
-                q.put((kind, self._next_id, [batch_ref], version))
+                q.put((kind, self._next_id, [batch_ref], version, options or {}))
             except RayActorError:  # its worker died; the restarted group announces itself
                 pass
         return self._collect(reply, self._next_id)
@@ -404,8 +405,8 @@ class LearnerGroup:
     def evaluate(self, batch_ref) -> list[dict]:
         return self._request("evaluate", "evaluated", batch_ref)
 
-    def update(self, batch_ref, next_version: int) -> list[dict]:
-        return self._request("update", "updated", batch_ref, next_version)
+    def update(self, batch_ref, next_version: int, kl_coef: float = 0.0) -> list[dict]:
+        return self._request("update", "updated", batch_ref, next_version, {"kl_coef": float(kl_coef)})
 
     def memory(self) -> list[dict]:
         return self._request("memory", "memory")

@@ -305,7 +305,7 @@ class PPOTrainer:
         bad = nonfinite_parts(exp)
         with timer.stage("train"):
             if exp.trainable_tokens >= 2 and not bad:
-                updated = self.learner.update(ray.put(exp.batch), self.version + 1)
+                updated = self.learner.update(ray.put(exp.batch), self.version + 1, kl_coef)
                 if any(u["stats"]["nonfinite_grad"] for u in updated):
                     bad.append("gradients")  # the learner put its state back: nothing to publish
         with timer.stage("publish"):

@@ -307,7 +307,7 @@ def test_ppo_loss_is_sum_of_parts_and_differentiable():
     pg, _ = policy_loss(lp, old, adv, mask, 0.2)
     expected = pg + 0.5 * value_loss(v, old_v, ret, mask, 0.3) - 0.01 * entropy_from_logits(logits, mask)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert set(parts) == {"policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"}
+    assert set(parts) == {"policy_loss", "value_loss", "entropy", "kl_loss", "clip_frac", "approx_kl"}
     loss.backward()
     assert torch.isfinite(logits.grad).all() and v.grad.abs().sum() > 0
 
@@ -418,3 +418,151 @@ def test_entropy_gradient_is_finite_under_truncation():
     lp, ent = sampled_token_logprobs(z, labels, temperature=0.7, top_k=10, top_p=0.8, with_entropy=True)
     (lp.sum() + ent.sum()).backward()
     assert torch.isfinite(z.grad).all() and torch.isfinite(ent).all() and (ent > 0).all()
+
+
+# ---------- critic-free estimators, loss aggregations, clip-higher, GSPO, KL loss ----------
+
+from rlhf_ray.algo import ESTIMATORS, estimate_advantages  # noqa: E402
+from rlhf_ray.algo.masked import Aggregation  # noqa: E402
+
+
+def _scores_at_end(scores, width=3):
+    """Rows whose whole response is the last two tokens, the score on the last one."""
+    rewards = torch.zeros(len(scores), width, dtype=torch.float64)
+    rewards[:, -1] = torch.tensor(scores, dtype=torch.float64)
+    mask = torch.zeros(len(scores), width, dtype=torch.float64)
+    mask[:, 1:] = 1.0
+    return rewards, mask
+
+
+@pytest.mark.parametrize("name,expected", [
+    # R = [1, 3 | 2, 2]: group 0 has mean 2 and unbiased std sqrt(2); group 1 has no spread.
+    ("grpo", [-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0]),
+    ("dr_grpo", [-1.0, 1.0, 0.0, 0.0]),
+    ("rloo", [1 - 3, 3 - 1, 0.0, 0.0]),
+])
+def test_group_estimators_by_hand(name, expected):
+    rewards, mask = _scores_at_end([1.0, 3.0, 2.0, 2.0])
+    adv, _ = estimate_advantages(name, rewards, None, mask, gamma=1.0, lam=1.0,
+                                 groups=torch.tensor([0, 0, 1, 1]))
+    for b, e in enumerate(expected):
+        assert adv[b, 0] == 0.0  # prompt token
+        assert adv[b, 1:].tolist() == pytest.approx([e, e], abs=1e-5)
+
+
+def test_group_estimators_with_three_samples_and_a_left_out_row():
+    # R = [1, 2, 6] plus a 4th row of the same prompt whose mask is empty (ppo.truncated=mask):
+    # it must neither count in the group's statistics nor receive advantage.
+    rewards, mask = _scores_at_end([1.0, 2.0, 6.0, 100.0])
+    mask[3] = 0.0
+    groups = torch.tensor([5, 5, 5, 5])
+    std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    cases = {"grpo": [(r - 3) / std for r in (1, 2, 6)], "dr_grpo": [-2.0, -1.0, 3.0],
+             "rloo": [1 - 4.0, 2 - 3.5, 6 - 1.5]}
+    for name, expected in cases.items():
+        adv, _ = estimate_advantages(name, rewards, None, mask, gamma=1.0, lam=1.0, groups=groups)
+        assert adv[:3, -1].tolist() == pytest.approx(expected, abs=1e-5), name
+        assert adv[3].abs().sum() == 0.0, name
+
+
+def test_grpo_sums_kl_shaped_token_rewards():
+    # With the KL in the reward, a row's return is its score plus every token's -beta * KL.
+    rewards = torch.tensor([[0.0, -0.5, 1.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    adv, _ = estimate_advantages("dr_grpo", rewards, None, mask, gamma=1.0, lam=1.0, groups=torch.tensor([0, 0]))
+    assert adv[:, -1].tolist() == pytest.approx([0.5 - 1.25, 2.0 - 1.25])
+
+
+def test_reinforce_pp_by_hand():
+    rewards = torch.tensor([[0.0, -0.1, 1.0], [-0.2, 0.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    adv, returns = estimate_advantages("reinforce_pp", rewards, None, mask, gamma=1.0, lam=1.0)
+    assert returns.flatten().tolist() == pytest.approx([0.0, 0.9, 1.0, 1.8, 2.0, 2.0])
+    flat = [0.9, 1.0, 1.8, 2.0, 2.0]
+    mean = sum(flat) / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / 4)
+    expect = [[0.0] + [(x - mean) / std for x in flat[:2]], [(x - mean) / std for x in flat[2:]]]
+    assert adv.tolist()[0] == pytest.approx(expect[0], abs=1e-6)
+    assert adv.tolist()[1] == pytest.approx(expect[1], abs=1e-6)
+    # gamma < 1 discounts the later rewards
+    _, disc = estimate_advantages("reinforce_pp", rewards, None, mask, gamma=0.5, lam=1.0)
+    assert disc[1].tolist() == pytest.approx([-0.2 + 0.5 * (0.0 + 0.5 * 2.0), 1.0, 2.0])
+
+
+def test_reinforce_pp_baseline_by_hand():
+    rewards, mask = _scores_at_end([1.0, 3.0, 2.0, 4.0])
+    adv, centred = estimate_advantages("reinforce_pp_baseline", rewards, None, mask, gamma=1.0, lam=1.0,
+                                       groups=torch.tensor([0, 0, 1, 1]))
+    assert centred[:, -1].tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0])
+    # 8 tokens of +-1: mean 0, unbiased std sqrt(8/7)
+    assert adv[:, -1].tolist() == pytest.approx([x / math.sqrt(8 / 7) for x in (-1, 1, -1, 1)], abs=1e-6)
+
+
+def test_estimators_registry_and_errors():
+    assert {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"} <= set(ESTIMATORS)
+    assert ESTIMATORS["gae"].needs_critic and not ESTIMATORS["grpo"].needs_critic
+    assert ESTIMATORS["dr_grpo"].loss_agg == "seq_mean_token_sum_norm"
+    rewards, mask = _scores_at_end([1.0, 2.0])
+    with pytest.raises(ValueError, match="needs groups"):
+        estimate_advantages("grpo", rewards, None, mask, gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match="critic's values"):
+        estimate_advantages("gae", rewards, None, mask, gamma=1.0, lam=1.0)
+
+
+def test_loss_aggregations_by_hand_and_over_shards():
+    x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 5.0, 7.0], [9.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert float(Aggregation("token_mean").mean(x, mask)) == pytest.approx(27 / 6)
+    assert float(Aggregation("seq_mean_token_mean").mean(x, mask)) == pytest.approx((1.5 + 5.0 + 9.0) / 3)
+    assert float(Aggregation("seq_mean_token_sum_norm", horizon=4).mean(x, mask)) == pytest.approx(27 / (3 * 4))
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        whole = Aggregation(mode, horizon=4).mean(x, mask)
+        glob = Aggregation(mode, tokens=6.0, rows=3.0, horizon=4)
+        shards = glob.mean(x[:2], mask[:2]) + glob.mean(x[2:], mask[2:])
+        assert float(shards) == pytest.approx(float(whole)), mode
+    with pytest.raises(ValueError, match="loss aggregation"):
+        Aggregation("mean")
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_grow_further():
+    lp = torch.log(torch.tensor([[1.25]], dtype=torch.float64))
+    old, adv, mask = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1)
+    loss, stats = policy_loss(lp, old, adv, mask, 0.2)
+    assert float(loss) == pytest.approx(-1.2) and float(stats["clip_frac"]) == 1.0
+    loss, stats = policy_loss(lp, old, adv, mask, 0.2, clip_eps_high=0.28)
+    assert float(loss) == pytest.approx(-1.25) and float(stats["clip_frac"]) == 0.0
+    # the lower side is unchanged: a negative advantage still clips at 1 - eps
+    low = torch.log(torch.tensor([[0.7]], dtype=torch.float64))
+    loss, _ = policy_loss(low, old, -adv, mask, 0.2, clip_eps_high=0.28)
+    assert float(loss) == pytest.approx(0.8)
+
+
+def test_sequence_level_ratio_gspo():
+    lp = torch.tensor([[0.0, 0.1, 0.3], [0.0, -0.2, 0.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 1.0, 1.0], [0.0, -1.0, -1.0]], dtype=torch.float64)
+    agg = Aggregation("seq_mean_token_mean")
+    loss, _ = policy_loss(lp, old, adv, mask, 0.5, ratio_level="sequence", agg=agg)
+    s0, s1 = math.exp(0.2), math.exp(-0.1)  # exp of each row's mean log-ratio, inside the clip range
+    assert float(loss) == pytest.approx((-s0 + s1) / 2)
+    loss.backward()
+    # d/d lp_t of row i: -A_i * s_i / (rows * tokens_i) on its response tokens, 0 elsewhere
+    assert lp.grad.flatten().tolist() == pytest.approx([0.0, -s0 / 4, -s0 / 4, 0.0, s1 / 4, s1 / 4])
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_loss(lp, old, adv, mask, 0.5, ratio_level="row")
+
+
+def test_ppo_loss_kl_term_is_k3_to_the_reference():
+    lp = _rand(3, 4, 1).requires_grad_(True)
+    ref, old, adv = _rand(3, 4, 2), _rand(3, 4, 3), _rand(3, 4, 4)
+    mask = _padded_mask(3, 4, seed=5).double()
+    kw = dict(clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.0, entropy_coef=0.0)
+    base, _ = ppo_loss(lp, old, adv, None, None, None, mask, **kw)
+    with_kl, parts = ppo_loss(lp, old, adv, None, None, None, mask, ref_logprobs=ref, kl_coef=0.5, **kw)
+    k3 = _loop_mean([[math.exp(r - x) - (r - x) - 1 for x, r in zip(rl, rr)]
+                     for rl, rr in zip(lp.tolist(), ref.tolist())], mask.tolist())
+    assert float(parts["kl_loss"]) == pytest.approx(k3)
+    assert float(with_kl - base) == pytest.approx(0.5 * k3)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        ppo_loss(lp, old, adv, None, None, None, mask, kl_coef=0.5, **kw)

@@ -58,6 +58,11 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("learner.minibatch_size=12", "ppo.batch_size"),  # 32 rows are not whole minibatches of 12
     ("output.save_every=-1", "output.save_every"),
     ("reward.rule=nosuch", "reward.rule"),
+    ("ppo.estimator=grpo", "rollout.samples_per_prompt"),  # one sample per prompt: no group to compare
+    ("ppo.kl_in=advantage", "ppo.kl_in"),
+    ("ppo.loss_agg=mean", "ppo.loss_agg"),
+    ("ppo.ratio_level=row", "ppo.ratio_level"),
+    ("ppo.clip_eps_high=0", "ppo.clip_eps_high"),
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -161,3 +166,12 @@ def test_null_section_means_its_defaults(tmp_path):
     path.write_text("lora:\n  # rank: 4\nppo:\n  steps: 3\n")
     cfg = load_config(path)
     assert cfg.lora == Config().lora and cfg.ppo.steps == 3
+
+
+def test_loss_aggregation_follows_the_estimator_unless_set():
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8"])
+    assert cfg.loss_agg == "seq_mean_token_sum_norm"
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8",
+                             "ppo.loss_agg=token_mean"])
+    assert cfg.loss_agg == "token_mean"
+    assert load_config(TINY, []).loss_agg == "token_mean"

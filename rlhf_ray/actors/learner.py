@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..algo import ESTIMATORS, masked_mean, ppo_loss
+from ..algo.masked import Aggregation
 from ..batch import TokenBatch, to_action_width
 from ..config import Config
 from ..devices import data_parallel, train_device
@@ -79,8 +80,9 @@ class LearnerCore:
                 out["ref_logprobs"].append(to_action_width(ref, width))
         return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
-    def update(self, batch: TokenBatch) -> dict[str, float]:
-        """``learner.epochs`` passes of minibatch PPO updates over the whole batch.
+    def update(self, batch: TokenBatch, kl_coef: float = 0.0) -> dict[str, float]:
+        """``learner.epochs`` passes of minibatch PPO updates over the whole batch. ``kl_coef``:
+        the KL loss term's weight (``ppo.kl_in=loss``; with ``reward`` the KL is in the advantages).
 
         Every rank gets the whole batch and draws the same minibatch order; each takes every
         ``world``-th row of a minibatch. Token means divide by the minibatch's token count over
@@ -105,6 +107,9 @@ class LearnerCore:
             for start in range(0, n, lc.minibatch_size):
                 rows = perm[start:start + lc.minibatch_size]
                 total_tokens = float(batch.action_mask[rows].sum())
+                agg = Aggregation(self.cfg.loss_agg, tokens=total_tokens,
+                                  rows=float(batch.action_mask[rows].bool().any(dim=1).sum()),
+                                  horizon=self.cfg.rollout.max_new_tokens)
                 mine = rows[self.rank::self.world]
                 micro = [mine[i:i + lc.micro_batch_size] for i in range(0, len(mine), lc.micro_batch_size)]
                 self.optimizer.zero_grad(set_to_none=True)
@@ -119,7 +124,9 @@ class LearnerCore:
                             logprobs, m.old_logprobs, m.advantages, values, m.old_values, m.returns,
                             m.action_mask, entropy=entropy, clip_eps=cfg.clip_eps,
                             value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
-                            entropy_coef=cfg.entropy_coef, normalizer=total_tokens)
+                            entropy_coef=cfg.entropy_coef, agg=agg, clip_eps_high=cfg.clip_eps_high,
+                            ratio_level=cfg.ratio_level, ref_logprobs=m.ref_logprobs,
+                            kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
                         (loss * self.world).backward()
                     # Each micro-batch's parts are its share of the minibatch mean; x world so
                     # that the driver's average over ranks is the minibatch's value.
@@ -248,7 +255,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 core.restore(batch["adapter"], batch["value_head"], batch["learner"])
                 outbox.put(("restored", request_id, rank, core.param_checksum()))
             elif kind == "update":
-                stats = core.update(batch)
+                stats = core.update(batch, **(msg[4] if len(msg) > 4 else {}))
                 stats["compute_s"] = time.perf_counter() - t
                 stats["memory"] = core.memory_stats()
                 payload = {"stats": stats, "adapter": None, "value_head": None}

@@ -6,6 +6,7 @@ NaN sitting under padding cannot leak into a result.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -56,3 +57,39 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How a per-token loss becomes one number, with the minibatch's totals over all ranks so
+    that data-parallel shards add up to the minibatch's value:
+
+    - ``token_mean``: sum over tokens / ``tokens`` (every token weighs the same);
+    - ``seq_mean_token_mean``: each row's token mean, summed / ``rows`` (every response
+      weighs the same, GSPO's choice);
+    - ``seq_mean_token_sum_norm``: sum over tokens / (``rows`` * ``horizon``) (Dr. GRPO: no
+      division by a response's own length, which favours long wrong answers).
+    """
+
+    mode: str = "token_mean"
+    tokens: Optional[float] = None  # None: the mask's own count
+    rows: Optional[float] = None
+    horizon: int = 1  # the longest response allowed (rollout.max_new_tokens)
+
+    def __post_init__(self) -> None:
+        if self.mode not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {self.mode!r}; choose one of {list(LOSS_AGGREGATIONS)}")
+
+    def mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mode == "token_mean":
+            return masked_mean(x, mask, self.tokens)
+        m = mask.bool()
+        rows = float(m.any(dim=1).sum()) if self.rows is None else float(self.rows)
+        per_row = torch.where(m, x, torch.zeros_like(x)).sum(dim=1)
+        if self.mode == "seq_mean_token_mean":
+            per_row = per_row / m.sum(dim=1).clamp(min=1).to(x.dtype)
+            return per_row.sum() / max(rows, 1.0)
+        return per_row.sum() / (max(rows, 1.0) * self.horizon)
