@@ -390,6 +390,9 @@ class ClusterConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a local head; None = Ray's count
     call_timeout_s: float = 600.0  # every remote call that can hang gets this timeout
+    # ...except a new generator's first reply, which waits for its engine to be built and the
+    # weights loaded (minutes for a 7B model on a cold node): a hang is told from a slow start.
+    start_timeout_s: float = 1800.0
     # The layout `rlhf-ray plan` assumes (its --nodes / --gpu-mem-gib override these).
     nodes: int = 1  # the GPUs are spread evenly over this many nodes
     gpu_memory_gib: float = 24.0  # memory of one GPU (RTX 3090: 24)
@@ -410,7 +413,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
                f"must be >= 1 or null, got {self.num_cpus!r}")
-        _positive(self, "call_timeout_s", "nodes", "gpu_memory_gib")
+        _positive(self, "call_timeout_s", "start_timeout_s", "nodes", "gpu_memory_gib")
         _check(self.max_role_restarts >= 0, "max_role_restarts", f"must be >= 0, got {self.max_role_restarts!r}")
         _check(bool(self.dashboard_host), "dashboard_host", "must be a host address, e.g. 127.0.0.1")
         _check(self.local_auth in ("token", "ray_default"), "local_auth",

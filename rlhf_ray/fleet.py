@@ -56,7 +56,8 @@ class RolloutFleet:
     def _attach(self, gen: tuple[str, Any]) -> None:
         """A generator joins the fleet only once it serves the latest adapter."""
         name, handle = gen
-        call(name, handle.load_adapter.remote(self.latest_adapter), self.timeout)
+        call(name, handle.load_adapter.remote(self.latest_adapter), self.cfg.cluster.start_timeout_s,
+             timeout_key="cluster.start_timeout_s")
         self.members.append(gen)
 
     def add(self) -> str:
@@ -90,7 +91,8 @@ class RolloutFleet:
         new = self._spawn(slot=self._slot.get(name))
         print(f"rlhf-ray: {name} {why.kind or 'failed'} ({why}); replaced by {new[0]}", file=sys.stderr)
         try:
-            call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.timeout)
+            call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.cfg.cluster.start_timeout_s,
+             timeout_key="cluster.start_timeout_s")
         except BaseException:
             _stop(new)
             raise

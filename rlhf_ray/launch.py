@@ -247,9 +247,11 @@ def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float =
                                    **(placement or {})).remote(cfg, *args, **kwargs)
 
 
-def call(role: str, refs: Any, timeout_s: float, restarts: Optional[int] = None) -> Any:
+def call(role: str, refs: Any, timeout_s: float, restarts: Optional[int] = None,
+         timeout_key: str = "cluster.call_timeout_s") -> Any:
     """``ray.get`` that names the role when its actor dies, raises or hangs (``restarts``: how
-    many times Ray was allowed to start it again, said when it died for good)."""
+    many times Ray was allowed to start it again, said when it died for good; ``timeout_key``:
+    the config key the deadline came from)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -261,7 +263,7 @@ def call(role: str, refs: Any, timeout_s: float, restarts: Optional[int] = None)
     except RayTaskError as e:
         raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e), "raised") from e
     except GetTimeoutError as e:
-        raise RoleFailed(role, f"no answer within cluster.call_timeout_s={timeout_s}", "timeout") from e
+        raise RoleFailed(role, f"no answer within {timeout_key}={timeout_s}", "timeout") from e
 
 
 def torch_config(cfg: Config, use_gpu: bool):

@@ -102,23 +102,31 @@ def _ragged_batch(trainer, rows=8):
     return pad_samples(s, trainer.tokenizer.pad_token_id)
 
 
-def test_one_and_two_learner_workers_make_the_same_update(trainer, make_cfg):
+@pytest.mark.parametrize("options", [
+    (),
+    # critic-free, KL as a loss term, each response weighing the same, GSPO's sequence ratio
+    ("ppo.estimator=grpo", "rollout.samples_per_prompt=2", "ppo.kl_in=loss", "ppo.kl_estimator=k3",
+     "ppo.loss_agg=seq_mean_token_mean", "ppo.ratio_level=sequence", "ppo.clip_eps_high=0.28"),
+    ("ppo.estimator=dr_grpo", "rollout.samples_per_prompt=2"),  # sums over rollout.max_new_tokens
+], ids=["gae", "grpo-kl-loss-gspo", "dr_grpo"])
+def test_one_and_two_learner_workers_make_the_same_update(trainer, make_cfg, options):
     import dataclasses
 
     batch = _ragged_batch(trainer)
     adapters = {}
     for world in (1, 2):
         cfg = make_cfg("learner.lr=0.05", "learner.epochs=2", "learner.minibatch_size=4",
-                       "learner.micro_batch_size=1", f"learner.num_workers={world}")
+                       "learner.micro_batch_size=1", f"learner.num_workers={world}", *options)
         group = LearnerGroup(cfg, trainer.model_path, trainer.run_dir / f"ray_train_{world}")
         try:
             ev = group.evaluate(ray.put(batch))
             b = dataclasses.replace(batch)
             b.old_logprobs = torch.cat([e["old_logprobs"] for e in ev])
-            b.old_values = torch.cat([e["old_values"] for e in ev])
+            b.old_values = torch.cat([e["old_values"] for e in ev]) if ev[0]["old_values"] is not None else None
+            b.ref_logprobs = torch.cat([e["ref_logprobs"] for e in ev])
             b.advantages = torch.linspace(-1, 1, b.action_mask.numel()).reshape(b.action_mask.shape) * b.action_mask
             b.returns = b.advantages.clone()
-            out = group.update(ray.put(b), 1)
+            out = group.update(ray.put(b), 1, kl_coef=0.5)
             adapters[world] = ray.get(out[0]["adapter"][0]).tensors
             if world == 2:
                 assert out[0]["stats"]["param_checksum"] == out[1]["stats"]["param_checksum"]

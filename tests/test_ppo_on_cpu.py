@@ -22,7 +22,7 @@ def trainer(make_cfg):
     # A large learning rate makes consecutive adapter versions clearly different, so a
     # generator serving a stale version could not hide inside the log-prob tolerance.
     cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2",
-                   "checkpoint.every=2", "checkpoint.keep=100", "cluster.max_role_restarts=1")
+                   "checkpoint.every=2", "checkpoint.keep=100", "cluster.max_role_restarts=2")
     tr = PPOTrainer(cfg, progress=False)
     yield tr
     tr.close()
@@ -171,6 +171,31 @@ def test_generator_killed_mid_step_is_replaced_and_its_share_redone(trainer, rec
     assert rec["rollout_replaced"] == 1
 
 
+def test_hung_generator_is_replaced_like_a_dead_one(trainer, records):
+    """A generator that stops answering (here: busy in a 10-minute call queued before the step's
+    requests) is given up after the call deadline, killed and replaced; its share is made again."""
+    import time
+
+    fleet = trainer.fleet
+    ids, texts = trainer.prompt_ids[:12], trainer.prompt_texts[:12]
+    seeds = [request_seed(12, 99, j) for j in range(12)]
+    clean = fleet.generate(ids, texts, n=2, seeds=seeds)
+    victim, handle = fleet.members[0]
+    handle.__ray_call__.remote(lambda self: time.sleep(600))
+    fleet.timeout, deadline = 20.0, fleet.timeout  # a healthy share takes about a second
+    try:
+        t = time.perf_counter()
+        got = fleet.generate(ids, texts, n=2, seeds=seeds)
+        took = time.perf_counter() - t
+    finally:
+        fleet.timeout = deadline
+    assert fleet.replaced[-1][0] == victim and "no answer within" in fleet.replaced[-1][2]
+    assert victim not in [name for name, _ in fleet.members] and len(fleet.members) == 2
+    assert took < 600  # it did not wait for the hung call
+    assert got.prompt_index == clean.prompt_index and got.response_ids == clean.response_ids
+    assert got.versions == [trainer.version] * 24
+
+
 def test_reward_actor_restarts_and_the_call_is_retried(trainer, records):
     pid = ray.get(trainer.reward.memory_stats.remote())["pid"]
     ray.kill(trainer.reward, no_restart=False)  # as a crash: Ray starts it again
@@ -180,11 +205,22 @@ def test_reward_actor_restarts_and_the_call_is_retried(trainer, records):
 
 
 def test_dead_actor_is_reported_with_its_role(trainer, records):
-    """A generator dying after the fleet used its one replacement (cluster.max_role_restarts=1)."""
+    """A generator dying after the fleet used both its replacements (cluster.max_role_restarts=2)."""
     name, handle = trainer.generators[-1]
     ray.kill(handle)
-    with pytest.raises(RoleFailed, match=f"{name} failed.*max_role_restarts=1"):
+    with pytest.raises(RoleFailed, match=f"{name} failed.*max_role_restarts=2"):
         trainer.step()
+
+
+def test_reward_actor_past_its_restarts_is_reported_and_the_checkpoint_stays_valid(trainer, records):
+    from rlhf_ray.batch import Samples
+
+    ray.kill(trainer.reward, no_restart=True)  # as a crash Ray may not restart from
+    s = Samples(prompts=["the film was"], responses=[" good"])
+    with pytest.raises(RoleFailed, match=r"reward failed: actor died.*max_role_restarts=2 restarts"):
+        trainer.maker.score(s)
+    last = load_checkpoint(list_checkpoints(trainer.run_dir)[-1])  # every 2 steps, and none of a failed step
+    assert last.step == trainer.step_index - trainer.step_index % 2 and last.adapter.version == last.step
 
 
 def test_resume_matches_an_uninterrupted_run(trainer, records):
