@@ -50,17 +50,21 @@ def group_stats(x: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
 
 
 def _broadcast(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = per_row.unsqueeze(1).expand_as(mask).to(mask.dtype if mask.is_floating_point() else per_row.dtype)
+    out = per_row.unsqueeze(1).expand_as(mask)
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
-def _check_groups(groups: Optional[torch.Tensor], mask: torch.Tensor, name: str) -> torch.Tensor:
+def _grouped(rewards: torch.Tensor, mask: torch.Tensor, groups: Optional[torch.Tensor], name: str):
+    """(R per row, whether the row has a group to be compared with, group mean, std, count)."""
     if groups is None:
         raise ValueError(f"estimator {name!r} compares the samples of a prompt and needs groups "
                          "(the prompt index of every row)")
     if groups.shape != mask.shape[:1]:
         raise ValueError(f"groups has shape {tuple(groups.shape)}, expected ({mask.shape[0]},)")
-    return groups
+    r = sequence_rewards(rewards, mask)
+    valid = mask.bool().any(dim=1)
+    mean, std, count = group_stats(r, groups, valid)
+    return r, valid & (count > 1), mean, std, count
 
 
 def _gae(rewards, values, mask, *, gamma: float, lam: float, groups=None, whiten_advantages: bool = True,
@@ -74,15 +78,9 @@ def _gae(rewards, values, mask, *, gamma: float, lam: float, groups=None, whiten
 def _grpo(rewards, values, mask, *, groups=None, group_std: bool = True, eps: float = 1e-6, **_):
     """GRPO: ``A_i = (R_i - mean_g R) / (std_g R + eps)`` on every token of row i (without the
     std division when ``group_std`` is false), R the row's summed reward."""
-    groups = _check_groups(groups, mask, "grpo")
-    r = sequence_rewards(rewards, mask)
-    valid = mask.bool().any(dim=1)
-    mean, std, count = group_stats(r, groups, valid)
-    adv = r - mean
-    if group_std:
-        adv = adv / (std + eps)
-    adv = torch.where(valid & (count > 1), adv, torch.zeros_like(adv))
-    out = _broadcast(adv, mask)
+    r, compared, mean, std, _ = _grouped(rewards, mask, groups, "grpo")
+    adv = (r - mean) / (std + eps) if group_std else r - mean
+    out = _broadcast(torch.where(compared, adv, torch.zeros_like(adv)), mask)
     return out, out
 
 
@@ -94,13 +92,9 @@ def _dr_grpo(rewards, values, mask, *, groups=None, **_):
 
 def _rloo(rewards, values, mask, *, groups=None, **_):
     """RLOO: ``A_i = R_i - mean_{j != i} R_j`` over the other valid rows of the prompt."""
-    groups = _check_groups(groups, mask, "rloo")
-    r = sequence_rewards(rewards, mask)
-    valid = mask.bool().any(dim=1)
-    mean, _, count = group_stats(r, groups, valid)
+    r, compared, mean, _, count = _grouped(rewards, mask, groups, "rloo")
     others = (mean * count - r) / (count - 1.0).clamp(min=1.0)
-    adv = torch.where(valid & (count > 1), r - others, torch.zeros_like(r))
-    out = _broadcast(adv, mask)
+    out = _broadcast(torch.where(compared, r - others, torch.zeros_like(r)), mask)
     return out, out
 
 
@@ -120,11 +114,8 @@ def _reinforce_pp(rewards, values, mask, *, gamma: float = 1.0, groups=None, **_
 def _reinforce_pp_baseline(rewards, values, mask, *, groups=None, **_):
     """REINFORCE++ with a group baseline: ``R_i - mean_g R`` on every token, then whitened over
     the batch's tokens."""
-    groups = _check_groups(groups, mask, "reinforce_pp_baseline")
-    r = sequence_rewards(rewards, mask)
-    valid = mask.bool().any(dim=1)
-    mean, _, count = group_stats(r, groups, valid)
-    centred = _broadcast(torch.where(valid & (count > 1), r - mean, torch.zeros_like(r)), mask)
+    r, compared, mean, _, _ = _grouped(rewards, mask, groups, "reinforce_pp_baseline")
+    centred = _broadcast(torch.where(compared, r - mean, torch.zeros_like(r)), mask)
     return whiten(centred, mask), centred
 
 
