@@ -55,10 +55,15 @@ class RolloutFleet:
 
     def _attach(self, gen: tuple[str, Any]) -> None:
         """A generator joins the fleet only once it serves the latest adapter."""
+        self._load_latest(gen)
+        self.members.append(gen)
+
+    def _load_latest(self, gen: tuple[str, Any]) -> None:
+        """A new generator's first call: it waits for the engine to be built, so its deadline is
+        cluster.start_timeout_s, not the call deadline."""
         name, handle = gen
         call(name, handle.load_adapter.remote(self.latest_adapter), self.cfg.cluster.start_timeout_s,
              timeout_key="cluster.start_timeout_s")
-        self.members.append(gen)
 
     def add(self) -> str:
         gen = self._spawn()
@@ -91,8 +96,7 @@ class RolloutFleet:
         new = self._spawn(slot=self._slot.get(name))
         print(f"rlhf-ray: {name} {why.kind or 'failed'} ({why}); replaced by {new[0]}", file=sys.stderr)
         try:
-            call(new[0], new[1].load_adapter.remote(self.latest_adapter), self.cfg.cluster.start_timeout_s,
-             timeout_key="cluster.start_timeout_s")
+            self._load_latest(new)
         except BaseException:
             _stop(new)
             raise

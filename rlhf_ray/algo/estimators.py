@@ -101,13 +101,8 @@ def _rloo(rewards, values, mask, *, groups=None, **_):
 def _reinforce_pp(rewards, values, mask, *, gamma: float = 1.0, groups=None, **_):
     """REINFORCE++: per-token discounted returns of the (KL-shaped) rewards, whitened over the
     batch's tokens; the returns are the advantages before whitening."""
-    m = mask.to(rewards.dtype)
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
-    for t in reversed(range(rewards.shape[1])):
-        # Masked-out positions neither add a reward nor cut the sum (holes in the mask).
-        running = torch.where(m[:, t].bool(), rewards[:, t] + gamma * running, running)
-        returns[:, t] = running * m[:, t]
+    # GAE with zero values and lam = 1 is exactly the discounted return over the masked tokens.
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
     return whiten(returns, mask), returns
 
 
