@@ -36,6 +36,8 @@ def store_used_bytes(settle_s: float = 1.0, reads: int = 5) -> Optional[int]:
 
 def probe(trainer, record: dict[str, Any]) -> dict[str, Any]:
     return {"step": record["step"], "rss_bytes": {k: m["rss_bytes"] for k, m in record["memory"].items()},
+            # A generator's tree is the actor, vLLM's engine core and its worker: which one grows.
+            "rss_by_process": {k: m["rss_by_process"] for k, m in record["memory"].items() if "rss_by_process" in m},
             "store_used_bytes": store_used_bytes(), "generators": trainer.fleet.adapter_state()}
 
 
@@ -95,6 +97,14 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     text += "\n\nRSS MiB over the run\n" + table(
         ["step", *names], [[p["step"], *(round(p[n] / 2**20) for n in names)]
                            for p in res["rss_series"][::every] + res["rss_series"][-1:]])
+    procs = [[f"{actor} {proc.rsplit('-', 1)[0]}", round(b0 / 2**20, 1),
+              round(res["last"]["rss_by_process"][actor][proc] / 2**20, 1),
+              f"{100 * (res['last']['rss_by_process'][actor][proc] / b0 - 1):+.1f}%"]
+             for actor, by in sorted(res["first"].get("rss_by_process", {}).items()) for proc, b0 in by.items()
+             if proc in res["last"].get("rss_by_process", {}).get(actor, {})]
+    if procs:
+        text += "\n\nGenerators by process\n" + table(["process", f"RSS MiB at step {early}", f"at step {args.steps}",
+                                                          "growth"], procs)
     gens = res["last"]["generators"]
     text += (f"\n{res['versions_published']} adapter versions published; per engine at the end: "
              + ", ".join(f"{n}: {g['loaded_loras']} LoRA slot(s), {g['adapter_dirs']} dir(s)" for n, g in gens.items())

@@ -14,18 +14,23 @@ import psutil
 
 def tree_rss(pid: Optional[int] = None) -> int:
     """RSS in bytes of a process and all its children (a vLLM engine lives in child processes)."""
+    return sum(rss_by_process(pid).values())
+
+
+def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
+    """RSS in bytes of a process and each of its children, keyed ``<name>-<pid>``."""
+    out: dict[str, int] = {}
     try:
         proc = psutil.Process(pid or os.getpid())
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return out
     for p in procs:
         try:
-            total += p.memory_info().rss
+            out[f"{p.name()}-{p.pid}"] = p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
 
 
 def where() -> dict[str, Any]:

@@ -374,6 +374,7 @@ class PPOTrainer:
                         if k not in ("memory", "param_checksum")},
             "param_checksums": [s["param_checksum"] for s in stats],
             "adapter_swap_s_max": max((s["swap_s"] for s in swaps), default=0.0),
+            "engine_host_released_bytes": sum(s.get("host_released_bytes", 0) for s in swaps),
             "memory": self._memory(stats),
         }
 

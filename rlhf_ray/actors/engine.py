@@ -7,6 +7,8 @@ from typing import Optional
 from ..config import Config
 
 CPU_KV_CACHE_MIB = 256
+# Methods the rollout actor calls in its engine's worker process (host-memory release).
+WORKER_EXTENSION = "rlhf_ray.actors.engine_ext.WorkerHostMemory"
 
 
 def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_model_len: Optional[int] = None,
@@ -30,6 +32,7 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
         gpu_memory_utilization=r.gpu_memory_utilization or (0.9 if on_gpu else 0.1),
         seed=r.seed if seed is None else seed,
         enforce_eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
+        worker_extension_cls=WORKER_EXTENSION,
     )
     kv_mib = r.kv_cache_mib if r.kv_cache_mib is not None else (None if on_gpu else CPU_KV_CACHE_MIB)
     if kv_mib is not None:

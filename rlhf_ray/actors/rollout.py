@@ -15,7 +15,7 @@ from ..batch import Samples
 from ..config import Config
 from ..devices import role_device
 from ..sync import AdapterVersion, adapter_root, remove_adapter_dir, write_adapter
-from ..telemetry import MemorySampler
+from ..telemetry import MemorySampler, rss_by_process
 from .engine import build_engine
 
 
@@ -83,7 +83,10 @@ class RolloutGenerator:
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             remove_adapter_dir(Path(old.lora_path))
-        return {"version": adapter.version, "swap_s": time.perf_counter() - t}
+        # The engine's worker keeps the heap pages of each retired version unless told to
+        # return them (engine_ext.WorkerHostMemory); without this its RSS climbs per publish.
+        released = sum(self.llm.collective_rpc("release_host_memory"))
+        return {"version": adapter.version, "swap_s": time.perf_counter() - t, "host_released_bytes": released}
 
     def generate(self, prompt_ids: list[list[int]], seeds: Optional[list[int]] = None, n: int = 1,
                  adapter: bool = True) -> Samples:
@@ -118,7 +121,8 @@ class RolloutGenerator:
         return {"version": self.version, "loaded_loras": len(self.llm.llm_engine.list_loras()), "adapter_dirs": dirs}
 
     def memory_stats(self) -> dict:
-        return {"role": self.role, "name": self.name, **self.memory.stats()}
+        # By process as well: the engine's worker and core are children of this actor.
+        return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process()}
 
     def shutdown(self) -> None:
         if self._dir is not None:
