@@ -18,7 +18,8 @@ def tree_rss(pid: Optional[int] = None) -> int:
 
 
 def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
-    """RSS in bytes of a process and each of its children, keyed ``<name>-<pid>``."""
+    """RSS in bytes of a process and each of its children, keyed ``<name>-<pid>`` (the process
+    itself ``self-<pid>``: a Ray worker's name changes with the task it runs)."""
     out: dict[str, int] = {}
     try:
         proc = psutil.Process(pid or os.getpid())
@@ -27,7 +28,7 @@ def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
         return out
     for p in procs:
         try:
-            out[f"{p.name()}-{p.pid}"] = p.memory_info().rss
+            out[f"{'self' if p is proc else p.name()}-{p.pid}"] = p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
     return out

@@ -1,5 +1,5 @@
 """reference.mode=actor: the frozen base in its own Ray actor gives the same reference
-log-probs as the learner's base with the adapter disabled."""
+log-probs as the learner's base with the adapter disabled, and a crashed one is restarted."""
 import pytest
 import ray
 
@@ -14,6 +14,9 @@ def test_reference_actor_matches_policy_before_any_update(make_cfg):
         with PPOTrainer(cfg, progress=False) as tr:
             assert tr.reference is not None
             r0, r1 = tr.run(steps=2)
+            # A crash: Ray starts the actor again (cluster.max_role_restarts) and the call is retried.
+            ray.kill(tr.reference, no_restart=False)
+            r2 = tr.step()
     finally:
         ray.shutdown()
     # Version 0 is the identity adapter: policy == reference, so the KL is ~0 ...
@@ -21,3 +24,5 @@ def test_reference_actor_matches_policy_before_any_update(make_cfg):
     # ... and after one update they differ.
     assert r1["policy_ref_gap"] > 1e-4
     assert "reference" in r1["memory"] and r1["memory"]["reference"]["peak_rss_bytes"] > 0
+    assert r2["samples"] == r1["samples"] and r2["nonfinite"] == [] and r2["policy_ref_gap"] > 1e-4
+    assert r2["memory"]["reference"]["pid"] != r1["memory"]["reference"]["pid"]  # a new process answered
