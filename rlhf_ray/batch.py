@@ -66,6 +66,7 @@ class TokenBatch:
     old_values: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None  # truncated importance weights (ppo.tis_cap); None = off
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

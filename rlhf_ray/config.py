@@ -240,6 +240,10 @@ class RolloutConfig:
     num_cpus: float = 0.5  # Ray bookkeeping: roles outnumber cores on a laptop
     num_gpus: float = 0.0  # 1 per engine on a GPU cluster
     seed: int = 0  # engine i gets seed + i; every request also carries a seed from (seed, step, prompt)
+    # Asynchronous rollouts: the generators make the next max_staleness steps' samples while the
+    # learner trains, so a batch is up to this many adapter versions old (older samples are
+    # dropped and counted). 0 = the synchronous loop: every sample from the adapter being trained.
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, "num_actors", f"must be >= 1, got {self.num_actors!r}")
@@ -261,6 +265,8 @@ class RolloutConfig:
         _check(self.gpu_memory_utilization is None or 0.0 < self.gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization", f"must be in (0, 1] or null, got {self.gpu_memory_utilization!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
+        _check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "max_staleness",
+               f"must be an integer >= 0, got {self.max_staleness!r}")
         _seed(self)
 
 
@@ -354,6 +360,11 @@ class PPOConfig:
     # NaN/inf in rewards, advantages, the loss or the gradients skips that update (counted in the
     # metrics); this many bad steps in a row stop the run (the last checkpoint stays valid).
     max_bad_steps: int = 3
+    # Truncated importance sampling: the policy term of each token is weighted by
+    # min(pi_old / pi_behaviour, tis_cap), pi_behaviour being what the generator sampled with (an
+    # older version with rollout.max_staleness > 0, or the engine's numerics). null = off.
+    tis_cap: Optional[float] = None
+    tis_level: str = "token"  # token | sequence (one weight per response, from its summed log-ratio)
 
     def __post_init__(self) -> None:
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
@@ -379,6 +390,9 @@ class PPOConfig:
 
         _check(self.loss_agg is None or self.loss_agg in LOSS_AGGREGATIONS, "loss_agg",
                f"must be one of {list(LOSS_AGGREGATIONS)} or null, got {self.loss_agg!r}")
+        _check(self.tis_cap is None or self.tis_cap > 0, "tis_cap", f"must be > 0 or null, got {self.tis_cap!r}")
+        _check(self.tis_level in ("token", "sequence"), "tis_level",
+               f"must be 'token' or 'sequence', got {self.tis_level!r}")
         _check(self.truncated in ("score", "penalty", "mask"), "truncated",
                f"must be one of score, penalty, mask, got {self.truncated!r}")
 

@@ -4,11 +4,28 @@ Its size is independent of the learner's."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .batch import Samples
 from .config import Config
 from .launch import RoleFailed, RolePlacement, call, spawn
+
+
+@dataclass
+class PendingRollout:
+    """Requests sent to the generators and not read yet: (generator, reply ref, prompt
+    positions) per generator, and how to send a share again to a replacement."""
+
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str]
+    n: int
+    seeds: Optional[list[int]]
+    parts: list[tuple[str, Any, list[int]]] = field(default_factory=list)
+
+    def send(self, handle, chunk: list[int]):
+        return handle.generate.remote([self.prompt_ids[j] for j in chunk],
+                                      [self.seeds[j] for j in chunk] if self.seeds is not None else None, self.n)
 
 
 def request_seed(seed: int, step: int, prompt: int) -> int:
@@ -32,6 +49,7 @@ class RolloutFleet:
         # Called once a step's requests are dispatched and before any reply is read; fault
         # tests kill a generator here, which is "mid-step" by construction.
         self.after_dispatch: Optional[Callable[[], None]] = None
+        self._publishing: list[tuple[str, Any, Any]] = []  # load_adapter calls not yet read (publish(wait=False))
 
     def start(self, adapter_ref) -> None:
         """Spawn ``rollout.num_actors`` engines (they load in parallel), then attach each."""
@@ -104,6 +122,17 @@ class RolloutFleet:
         self.replaced.append((name, new[0], str(why)))
         return new
 
+    def _current(self, name: str) -> tuple[str, Any]:
+        """``name``'s member, or its replacement's when it was already replaced (an
+        asynchronous run still holds requests sent to the one it replaced)."""
+        seen = {n: h for n, h in self.members}
+        while name not in seen:
+            nxt = next((new for old, new, _ in self.replaced if old == name), None)
+            if nxt is None:
+                raise RoleFailed(name, "is no longer in the rollout fleet")
+            name = nxt
+        return name, seen[name]
+
     def _call_or_replace(self, name: str, ref: Any, send: Callable[[Any], Any]) -> Any:
         """The reply to ``ref`` from generator ``name``; when it died or hung, ``send(handle)``
         asks its replacement again (the same request: per-request seeds give the same samples)."""
@@ -113,43 +142,65 @@ class RolloutFleet:
             except RoleFailed as e:
                 if not e.recoverable:
                     raise
-                name, handle = self.replace(name, e)
+                if any(n == name for n, _ in self.members):
+                    name, handle = self.replace(name, e)
+                else:  # replaced since this request was sent: ask the replacement
+                    name, handle = self._current(name)
                 ref = send(handle)
 
-    def publish(self, adapter_ref) -> list[dict]:
-        """Every generator serves ``adapter_ref`` before this returns (a generator found dead
-        here is replaced, and its replacement starts on ``adapter_ref``)."""
-        self.latest_adapter = adapter_ref
-        refs = [(name, h.load_adapter.remote(adapter_ref)) for name, h in self.members]
-        return [self._call_or_replace(name, ref, lambda h: h.load_adapter.remote(adapter_ref)) for name, ref in refs]
+    def publish(self, adapter_ref, *, wait: bool = True) -> list[dict]:
+        """Every generator serves ``adapter_ref`` before its next request (a generator found
+        dead is replaced, and its replacement starts on ``adapter_ref``).
 
-    def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
-                 seeds: Optional[list[int]] = None) -> Samples:
-        """``n`` samples per prompt, prompts dealt round-robin (a prompt's samples stay on one
-        engine), returned in prompt order with ``prompt_index`` into ``prompt_ids``."""
+        ``wait=False`` returns at once: each generator loads the adapter after the requests
+        already sent to it, so a generation in flight finishes on the version it started with,
+        and every later request runs on the new one; what it returns is then the replies to the
+        publish before (:meth:`settle` collects them)."""
+        previous = self.settle()
+        self.latest_adapter = adapter_ref
+        self._publishing = [(name, h.load_adapter.remote(adapter_ref), adapter_ref) for name, h in self.members]
+        return self.settle() if wait else previous
+
+    def settle(self) -> list[dict]:
+        """The replies of the last publish not yet collected (swap timings)."""
+        pending, self._publishing = self._publishing, []
+        return [self._call_or_replace(name, ref, lambda h, a=adapter: h.load_adapter.remote(a))
+                for name, ref, adapter in pending]
+
+    def dispatch(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
+                 seeds: Optional[list[int]] = None) -> "PendingRollout":
+        """Send the requests of :meth:`generate` without waiting (prompts dealt round-robin, a
+        prompt's samples on one engine); :meth:`collect` reads them."""
         k = len(self.members)
         chunks = [list(range(len(prompt_ids)))[i::k] for i in range(k)]
-
-        def send(handle, c):
-            return handle.generate.remote([prompt_ids[j] for j in c],
-                                          [seeds[j] for j in c] if seeds is not None else None, n)
-
-        refs = [(name, send(h, c), c) for (name, h), c in zip(self.members, chunks) if c]
+        pending = PendingRollout(prompt_ids, prompt_texts, n, seeds, [])
+        pending.parts = [(name, pending.send(h, c), c) for (name, h), c in zip(self.members, chunks) if c]
         if self.after_dispatch is not None:
             self.after_dispatch()
+        return pending
+
+    def collect(self, pending: "PendingRollout") -> Samples:
+        """The samples of a dispatched rollout, in prompt order with ``prompt_index`` into its
+        ``prompt_ids``, each with the adapter version that made it."""
         parts = []
-        for name, ref, c in refs:
+        for name, ref, c in pending.parts:
             # A generator lost mid-step: its whole share is generated again by a replacement
             # (its partial output never reached us, so nothing is counted twice).
-            part = self._call_or_replace(name, ref, lambda h, c=c: send(h, c))
+            part = self._call_or_replace(name, ref, lambda h, c=c: pending.send(h, c))
             part.prompt_index = [c[i] for i in part.prompt_index]
-            part.prompts = [prompt_texts[j] for j in part.prompt_index]
+            part.prompts = [pending.prompt_texts[j] for j in part.prompt_index]
             parts.append(part)
         samples = Samples()
         for part in parts:
             samples.extend(part)
         order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])  # stable: groups stay in order
         return samples.reordered(order)
+
+    def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
+                 seeds: Optional[list[int]] = None) -> Samples:
+        """``n`` samples per prompt, prompts dealt round-robin (a prompt's samples stay on one
+        engine), returned in prompt order with ``prompt_index`` into ``prompt_ids``."""
+        return self.collect(self.dispatch(prompt_ids, prompt_texts, n=n, seeds=seeds))
 
     def adapter_state(self) -> dict[str, dict]:
         refs = [(name, h.adapter_state.remote()) for name, h in self.members]

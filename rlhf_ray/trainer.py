@@ -2,9 +2,16 @@
 record, save. The fleet (``fleet.py``) and the experience pipeline (``experience.py``) each
 have their own home; this file wires the roles together and keeps the loop.
 
-In this synchronous loop every sample of step k comes from adapter version k: version 0
-(the LoRA at init, an identity) is published before the first rollout and version k+1
-right after update k, before the next rollout starts.
+With ``rollout.max_staleness`` 0 (the default) the loop is synchronous: every sample of step k
+comes from adapter version k: version 0 (the LoRA at init, an identity) is published before
+the first rollout and version k+1 right after update k, before the next rollout starts.
+
+With ``max_staleness`` S > 0 the rollouts of the next S steps are already on the generators
+while a step trains: a step's rollout is sent when the step S before it starts, after that
+step's publish, so it is made by an adapter at most S versions older than the one it trains
+(older samples, possible only after failures, are dropped and counted). A publish does not
+wait: each generator loads the new version after the requests already sent to it, so a
+generation in flight finishes on the version it started with.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import random
 import sys
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +32,7 @@ from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fing
                          metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
-from .fleet import RolloutFleet, request_seed
+from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .telemetry import MetricsWriter, StageTimer
 
@@ -151,6 +159,10 @@ class PPOTrainer:
                        if cfg.ppo.kl_target else algo.FixedKLController(cfg.ppo.kl_coef))
         self._order: list[int] = []
         self._rng = random.Random(cfg.data.seed)
+        # Rollouts sent and not yet trained on, oldest first: (step, prompt indices, requests).
+        self._pending: deque[tuple[int, list[int], PendingRollout]] = deque()
+        self._resume_pending: list[tuple[int, list[int]]] = []  # a checkpoint's, sent again on resume
+        self._stop_at: Optional[int] = None  # run(): no rollout is sent for a step past its last
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
         self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too
@@ -195,11 +207,16 @@ class PPOTrainer:
                 "order": list(self._order), "rng": random_state_to_json(self._rng.getstate()),
                 "metrics_lines": self.step_index, "bad_steps_in_row": self.bad_steps.in_row,
                 "bad_steps_total": self.bad_steps.total, "eval_before": self.evals.get("before"),
+                # Prompts already taken from the order for rollouts in flight (max_staleness > 0):
+                # a resume generates them again, with the checkpoint's adapter.
+                "pending": [[step, idx] for step, idx, _ in self._pending] + [list(p) for p in self._resume_pending],
                 "fingerprint": self.fingerprint, "model_path": self.model_path}
 
     def _restore_driver(self, state: dict[str, Any]) -> None:
         self.step_index, self.kl_ctl.value = int(state["step"]), float(state["kl_coef"])
         self._order, self._rng = list(state["order"]), random.Random()
+        self._drop_pending()
+        self._resume_pending = [(int(step), [int(j) for j in idx]) for step, idx in state.get("pending", [])]
         self._rng.setstate(random_state_from_json(state["rng"]))
         self.bad_steps.in_row, self.bad_steps.total = int(state["bad_steps_in_row"]), int(state["bad_steps_total"])
         if state.get("eval_before"):
@@ -289,18 +306,59 @@ class PPOTrainer:
         self.fleet.publish(adapter_ref)
         warnings.warn(f"{why}; continuing from {ck.path} (step {ck.step})", stacklevel=3)
 
+    def _fill_pipeline(self) -> None:
+        """Rollouts sent for this step and the next ``rollout.max_staleness``: a step's rollout
+        is sent once, when it first fits in the window, and uses the adapter published by then."""
+        cfg = self.cfg
+        while len(self._pending) < cfg.rollout.max_staleness + 1:
+            step = self.step_index + len(self._pending)
+            if self._pending and self._stop_at is not None and step >= self._stop_at:
+                break  # past the run's last step: nothing would train on it
+            idx = self._resume_pending.pop(0)[1] if self._resume_pending else self._next_prompts()
+            seeds = [request_seed(cfg.rollout.seed, step, j) for j in range(len(idx))]
+            sent = self.fleet.dispatch([self.prompt_ids[j] for j in idx], [self.prompt_texts[j] for j in idx],
+                                       n=cfg.rollout.samples_per_prompt, seeds=seeds)
+            self._pending.append((step, idx, sent))
+
+    def _drop_pending(self) -> None:
+        """Forget the rollouts in flight (their prompts are not trained on). Requests still
+        queued on a generator are cancelled; one already running finishes unread."""
+        import ray
+
+        while self._pending:
+            for _, ref, _ in self._pending.popleft()[2].parts:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already done or its actor gone: nothing to stop
+                    pass
+
+    def _rollout(self, timer: StageTimer) -> tuple[Any, int]:
+        """This step's samples, less any more than ``rollout.max_staleness`` versions old
+        (returned with their count). If none is left, the step's prompts are generated again
+        on the current adapter."""
+        cfg = self.cfg
+        self._fill_pipeline()
+        step, idx, sent = self._pending.popleft()
+        with timer.stage("generate"):
+            samples = self.fleet.collect(sent)
+            keep = [i for i, v in enumerate(samples.versions) if v >= self.version - cfg.rollout.max_staleness]
+            if not keep:
+                self.fleet.settle()
+                samples = self.fleet.generate(sent.prompt_ids, sent.prompt_texts, n=sent.n, seeds=sent.seeds)
+                return samples, len(samples)
+        return (samples if len(keep) == len(samples) else samples.reordered(keep)), len(samples) - len(keep)
+
     def _step(self) -> dict[str, Any]:
         import ray
 
         cfg = self.cfg
         timer = StageTimer()
-        idx = self._next_prompts()
-        seeds = [request_seed(cfg.rollout.seed, self.step_index, j) for j in range(len(idx))]
+        samples, dropped = self._rollout(timer)
         kl_coef = self.kl_ctl.value
-        exp = self.maker.make([self.prompt_ids[j] for j in idx], [self.prompt_texts[j] for j in idx], seeds,
-                              kl_coef, timer)
+        exp = self.maker.make(samples, kl_coef, timer)
         samples = exp.samples
-        stale = sum(v != self.version for v in samples.versions)
+        trained_on = self.version  # the adapter this step's update starts from
+        stale = sum(v != trained_on for v in samples.versions)
         updated = None
         bad = nonfinite_parts(exp)
         with timer.stage("train"):
@@ -312,12 +370,15 @@ class PPOTrainer:
             swaps = []
             if updated is not None and not bad:
                 self.value_head = updated[0]["value_head"]
-                swaps = self.fleet.publish(_own(updated[0]["adapter"][0]))
+                # Asynchronous: the generators load it after the rollouts already sent to them.
+                swaps = self.fleet.publish(_own(updated[0]["adapter"][0]), wait=cfg.rollout.max_staleness == 0)
                 self.version += 1
         times = timer.finish()
         if not bad:  # a NaN KL would poison the adaptive coefficient for the rest of the run
             self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
         record = self._record(exp, times, updated, swaps, stale, kl_coef)
+        record.update(staleness={str(k): n for k, n in algo.staleness_histogram(samples.versions, trained_on).items()},
+                      dropped_stale=dropped, rollout_correction=exp.correction)
         record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad),
                       update_skipped=record["update_skipped"] or bool(bad))
         self.metrics.write(record)
@@ -416,6 +477,7 @@ class PPOTrainer:
         target = first + steps if steps is not None else self.cfg.ppo.steps
         records = list(self.previous_records)
         bar = tqdm(total=max(0, target - first), desc="ppo", unit="step", disable=not self.progress)
+        self._stop_at = target
         while self.step_index < target:
             rec = self.step()
             # After a learner restart the run went back to a checkpoint: the steps since are redone.
@@ -424,6 +486,7 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_per_seq']:.3f}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", v=rec["published_version"])
         bar.close()
+        self._stop_at = None
         self.all_records = records
         self.save_policy()
         if evaluate:

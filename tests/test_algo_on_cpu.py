@@ -566,3 +566,57 @@ def test_ppo_loss_kl_term_is_k3_to_the_reference():
     assert float(with_kl - base) == pytest.approx(0.5 * k3)
     with pytest.raises(ValueError, match="ref_logprobs"):
         ppo_loss(lp, old, adv, None, None, None, mask, kl_coef=0.5, **kw)
+
+
+# -- off-policy correction (asynchronous rollouts) ---------------------------------------------
+def test_truncated_is_weights_by_hand():
+    from rlhf_ray.algo import truncated_is_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    beh = torch.tensor([[-1.0, -3.0, -0.1, 9.0], [-1.5, -0.9, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = truncated_is_weights(old, beh, mask, cap=2.0)
+    # exp(0)=1; exp(1)=2.72 -> capped at 2; exp(-0.4); padding 0 | exp(0.5)=1.65; exp(-0.1)
+    want = torch.tensor([[1.0, 2.0, math.exp(-0.4), 0.0], [math.exp(0.5), math.exp(-0.1), 0.0, 0.0]])
+    assert torch.allclose(w, want, atol=1e-6)
+    # Sequence level: every token of a row takes min(exp(sum of its log-ratios), cap).
+    ws = truncated_is_weights(old, beh, mask, cap=2.0, level="sequence")
+    row0, row1 = min(math.exp(0.0 + 1.0 - 0.4), 2.0), min(math.exp(0.5 - 0.1), 2.0)
+    assert torch.allclose(ws, torch.tensor([[row0] * 3 + [0.0], [row1] * 2 + [0.0, 0.0]]), atol=1e-6)
+    old.requires_grad_(True)
+    assert not truncated_is_weights(old, beh, mask, cap=2.0).requires_grad  # a weight, not a gradient path
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(old, beh, mask, cap=0.0)
+
+
+def test_correction_stats_and_staleness_histogram_by_hand():
+    from rlhf_ray.algo import correction_stats, staleness_histogram
+
+    old = torch.tensor([[-1.0, -2.0, 0.0]])
+    beh = torch.tensor([[-1.0, -3.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    st = correction_stats(old, beh, mask, cap=2.0)
+    assert st["is_weight_mean"] == pytest.approx((1.0 + math.e) / 2)  # before the cap
+    assert st["is_weight_max"] == pytest.approx(math.e)
+    assert st["is_capped_frac"] == pytest.approx(0.5)
+    assert st["mismatch_kl"] == pytest.approx((0.0 - 1.0) / 2)  # mean(behaviour - old)
+    assert st["mismatch_k3"] == pytest.approx((0.0 + (math.e - 1 - 1)) / 2)
+    same = correction_stats(old, old, mask, cap=2.0)  # on-policy: no correction at all
+    assert same["is_weight_mean"] == same["is_weight_max"] == 1.0 and same["mismatch_kl"] == 0.0
+    assert same["is_capped_frac"] == 0.0
+    assert staleness_histogram([5, 5, 4, 3, 5], current=5) == {0: 3, 1: 1, 2: 1}
+
+
+def test_policy_loss_with_importance_weights_by_hand():
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0]])
+    adv = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    w = torch.tensor([[0.5, 2.0]])
+    loss, _ = policy_loss(lp, old, adv, mask, clip_eps=0.2, is_weights=w)
+    # ratio 1 everywhere: the terms are -A, weighted: mean(-0.5 * 1, -2 * -2) = 1.75
+    assert float(loss) == pytest.approx((-0.5 + 4.0) / 2)
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-0.5 * 1.0, 2.0 * 2.0]]) / 2)
+    plain, _ = policy_loss(lp.detach(), old, adv, mask, clip_eps=0.2, is_weights=torch.ones(1, 2))
+    assert float(plain) == float(policy_loss(lp.detach(), old, adv, mask, clip_eps=0.2)[0])

@@ -63,6 +63,9 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("ppo.loss_agg=mean", "ppo.loss_agg"),
     ("ppo.ratio_level=row", "ppo.ratio_level"),
     ("ppo.clip_eps_high=0", "ppo.clip_eps_high"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness"),
+    ("ppo.tis_cap=0", "ppo.tis_cap"),
+    ("ppo.tis_level=batch", "ppo.tis_level"),
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

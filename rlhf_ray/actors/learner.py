@@ -126,7 +126,8 @@ class LearnerCore:
                             value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
                             entropy_coef=cfg.entropy_coef, agg=agg, clip_eps_high=cfg.clip_eps_high,
                             ratio_level=cfg.ratio_level, ref_logprobs=m.ref_logprobs,
-                            kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
+                            kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator,
+                            is_weights=m.is_weights)
                         (loss * self.world).backward()
                     # Each micro-batch's parts are its share of the minibatch mean; x world so
                     # that the driver's average over ranks is the minibatch's value.

@@ -35,6 +35,7 @@ def policy_loss(
     clip_eps_high: Optional[float] = None,
     ratio_level: str = "token",
     agg: Optional[Aggregation] = None,
+    is_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate, averaged over tokens by ``agg`` (default: the token mean with
     ``normalizer``, see ``masked_mean``).
@@ -46,6 +47,10 @@ def policy_loss(
     ``ratio_level="sequence"`` (GSPO): every token of a row takes the row's ratio
     ``s = exp(mean_t(logprobs - old_logprobs))`` as value, with the gradient of its own token
     log-prob scaled by ``s`` (``s * exp(lp - sg(lp))``), so the clipping acts on whole responses.
+
+    ``is_weights`` (shape (batch, time), no gradient): each token's term is multiplied by it,
+    the truncated importance weight for data sampled by another policy than ``old_logprobs``
+    describe (``correction.truncated_is_weights``).
 
     Args:
         logprobs, old_logprobs, advantages, mask: Shape (batch, time).
@@ -68,7 +73,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
-    loss = agg.mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    loss = agg.mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "clip_frac": agg.mean((clipped > unclipped).to(logprobs.dtype), mask),
@@ -133,6 +141,7 @@ def ppo_loss(
     ref_logprobs: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    is_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L = policy_loss + vf_coef * value_loss - entropy_coef * entropy + kl_coef * KL``.
 
@@ -145,6 +154,7 @@ def ppo_loss(
             replaces it with another aggregation (see ``Aggregation``).
         ref_logprobs: Shape (batch, time); with ``kl_coef`` > 0 the KL to the reference is a
             loss term (GRPO style, ``kl_estimator`` k3 by default) instead of a reward shaping.
+        is_weights: Shape (batch, time), truncated importance weights on the policy term.
 
     Returns:
         (loss, parts) with parts ``policy_loss``, ``value_loss``, ``entropy``, ``kl_loss``,
@@ -152,7 +162,7 @@ def ppo_loss(
     """
     agg = agg or Aggregation(tokens=normalizer)
     pg, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high=clip_eps_high,
-                            ratio_level=ratio_level, agg=agg)
+                            ratio_level=ratio_level, agg=agg, is_weights=is_weights)
     zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
     vl = (value_loss(values, old_values, returns, mask, value_clip_eps, agg=agg)
           if values is not None else zero)
