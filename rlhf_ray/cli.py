@@ -63,10 +63,10 @@ def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _ppo(cfg: Config, resume=None) -> list[dict]:
-    from .trainer import PPOTrainer
+    from .trainer import PPOTrainer, startup_line
 
     with PPOTrainer(cfg, resume=resume) as trainer:
-        print(f"ray: {trainer.how_connected}; start-up {trainer.startup_s:.1f}s; "
+        print(f"ray: {trainer.how_connected}; {startup_line(trainer.startup_s, trainer.startup_parts)}; "
               f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
               f"reference.mode={cfg.reference.mode}")
         if trainer.resumed_from is not None:

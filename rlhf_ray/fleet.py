@@ -38,7 +38,10 @@ def request_seed(seed: int, step: int, prompt: int) -> int:
 class RolloutFleet:
     def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float,
                  placement: Optional[RolePlacement] = None):
+        from .actors.engine import allocator_env
+
         self.cfg, self.model_path, self.max_model_len, self.timeout = cfg, model_path, max_model_len, timeout_s
+        self.env = allocator_env(cfg)  # before any generator starts: a missing tcmalloc fails here
         self.placement = placement
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0
@@ -50,12 +53,25 @@ class RolloutFleet:
         # tests kill a generator here, which is "mid-step" by construction.
         self.after_dispatch: Optional[Callable[[], None]] = None
         self._publishing: list[tuple[str, Any, Any]] = []  # load_adapter calls not yet read (publish(wait=False))
+        self._building: list[tuple[str, Any]] = []  # launched, not attached yet
+
+    def launch(self) -> None:
+        """Spawn ``rollout.num_actors`` engines without waiting: they build (in parallel) while
+        the rest of start-up goes on, since an engine is its slowest part."""
+        self._building += [self._spawn() for _ in range(self.cfg.rollout.num_actors - len(self._building))]
 
     def start(self, adapter_ref) -> None:
-        """Spawn ``rollout.num_actors`` engines (they load in parallel), then attach each."""
+        """Attach the launched engines (launching them first if :meth:`launch` was not called)."""
         self.latest_adapter = adapter_ref
-        for gen in [self._spawn() for _ in range(self.cfg.rollout.num_actors)]:
-            self._attach(gen)
+        self.launch()
+        while self._building:
+            self._attach(self._building[0])
+            self._building.pop(0)
+
+    def build_seconds(self) -> dict[str, float]:
+        """Each generator's own engine build and warm-up time (its constructor)."""
+        refs = [(name, h.startup_seconds.remote()) for name, h in self.members]
+        return {name: call(name, ref, self.timeout) for name, ref in refs}
 
     def _spawn(self, slot: Optional[str] = None) -> tuple[str, Any]:
         """A new generator; ``slot``: the layout name whose placement bundle it takes (a
@@ -68,7 +84,7 @@ class RolloutFleet:
         self._slot[name] = slot or name
         r = self.cfg.rollout
         return name, spawn(RolloutGenerator, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
-                           num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len,
+                           num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len, env=self.env,
                            placement=self.placement.options(self._slot[name]) if self.placement else None)
 
     def _attach(self, gen: tuple[str, Any]) -> None:
@@ -213,6 +229,8 @@ class RolloutFleet:
     def close(self) -> None:
         while self.members:
             _stop(self.members.pop())
+        while self._building:
+            _stop(self._building.pop())
 
 
 def _stop(gen: tuple[str, Any]) -> None:

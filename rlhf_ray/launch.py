@@ -236,14 +236,16 @@ class RolePlacement:
 
 
 def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float = 0.0,
-          placement: Optional[dict[str, Any]] = None, restarts: int = 0, **kwargs: Any) -> Any:
+          placement: Optional[dict[str, Any]] = None, restarts: int = 0, env: Optional[dict[str, str]] = None,
+          **kwargs: Any) -> Any:
     """Start ``cls(cfg, *args, **kwargs)`` as an actor. ``restarts``: Ray starts a dead actor
     again this many times (same arguments, same bundle) and re-runs the call it died in; only
-    for roles whose calls are pure functions of their inputs (reward, reference)."""
+    for roles whose calls are pure functions of their inputs (reward, reference). ``env``: more
+    environment for the actor's process, on top of ``ROLE_ENV``."""
     import ray
 
     return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts,
-                                   max_task_retries=restarts, runtime_env={"env_vars": dict(ROLE_ENV)},
+                                   max_task_retries=restarts, runtime_env={"env_vars": {**ROLE_ENV, **(env or {})}},
                                    **(placement or {})).remote(cfg, *args, **kwargs)
 
 

@@ -66,6 +66,7 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("rollout.max_staleness=-1", "rollout.max_staleness"),
     ("ppo.tis_cap=0", "ppo.tis_cap"),
     ("ppo.tis_level=batch", "ppo.tis_level"),
+    ("rollout.allocator=jemalloc", "rollout.allocator"),
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -178,3 +179,16 @@ def test_loss_aggregation_follows_the_estimator_unless_set():
                              "ppo.loss_agg=token_mean"])
     assert cfg.loss_agg == "token_mean"
     assert load_config(TINY, []).loss_agg == "token_mean"
+
+
+def test_allocator_preload_follows_the_config_and_the_machine(monkeypatch):
+    from rlhf_ray.actors import engine
+
+    monkeypatch.setattr(engine, "tcmalloc_path", lambda: "libtcmalloc_minimal.so.4")
+    assert engine.allocator_env(load_config(TINY)) == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert engine.allocator_env(load_config(TINY, ["rollout.allocator=system"])) == {}
+    assert engine.allocator_env(load_config(TINY, ["rollout.num_gpus=1"])) == {}  # auto: CPU backend only
+    monkeypatch.setattr(engine, "tcmalloc_path", lambda: None)  # a machine without it
+    assert engine.allocator_env(load_config(TINY)) == {}
+    with pytest.raises(ValueError, match="rollout.allocator=tcmalloc.*libtcmalloc-minimal4"):
+        engine.allocator_env(load_config(TINY, ["rollout.allocator=tcmalloc"]))

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import psutil
 import pytest
 import ray
 import torch
@@ -71,6 +72,22 @@ def test_metrics_file_has_stages_throughput_and_memory(trainer, records):
     for name, m in rec["memory"].items():
         assert m["peak_rss_bytes"] >= m["rss_bytes"] > 0, name
     assert all(k in rec["learner"] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"))
+
+
+def test_startup_is_broken_down_and_engines_run_in_process(trainer):
+    from rlhf_ray.actors.engine import tcmalloc_path
+
+    parts = trainer.startup_parts
+    assert {"checks", "ray", "placement", "spawn", "learner", "engines", "roles", "total"} <= set(parts)
+    waited = sum(v for k, v in parts.items() if k not in ("total", "built_in"))
+    assert abs(waited - parts["total"]) < 1e-6 and parts["total"] <= trainer.startup_s
+    assert set(parts["built_in"]) == {"rollout-0", "rollout-1"} and all(v > 0 for v in parts["built_in"].values())
+    for name, m in trainer.fleet.memory().items():
+        # On CPU the engine's core and worker live in the generator's process: no child processes.
+        assert list(m["rss_by_process"]) == [f"self-{m['pid']}"], (name, m["rss_by_process"])
+        maps = {x.path for x in psutil.Process(m["pid"]).memory_maps()}
+        # rollout.allocator=auto preloads tcmalloc into the generators where the machine has it.
+        assert any("tcmalloc" in x for x in maps) == (tcmalloc_path() is not None), name
 
 
 def test_held_out_evaluation_before_and_after(trainer, records):

@@ -2,6 +2,7 @@
 benchmarks and tests, so every engine is configured the same way)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..config import Config
@@ -34,6 +35,8 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
         enforce_eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
         worker_extension_cls=WORKER_EXTENSION,
     )
+    if (not on_gpu) if r.engine_in_process is None else r.engine_in_process:
+        kwargs["distributed_executor_backend"] = "uni"
     kv_mib = r.kv_cache_mib if r.kv_cache_mib is not None else (None if on_gpu else CPU_KV_CACHE_MIB)
     if kv_mib is not None:
         kwargs["kv_cache_memory_bytes"] = kv_mib * 2**20
@@ -42,10 +45,46 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
     return kwargs
 
 
+def tcmalloc_path() -> Optional[str]:
+    """The tcmalloc shared library on this machine (gperftools' minimal build first), else None."""
+    import ctypes.util
+
+    for name in ("tcmalloc_minimal", "tcmalloc"):
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def allocator_env(cfg: Config) -> dict[str, str]:
+    """Environment for a generator's process: ``LD_PRELOAD`` of tcmalloc per ``rollout.allocator``
+    (it has to be in place when the process starts, hence through Ray's runtime env).
+
+    Raises:
+        ValueError: ``rollout.allocator=tcmalloc`` and no tcmalloc library here.
+    """
+    r = cfg.rollout
+    if r.allocator == "system" or (r.allocator == "auto" and r.num_gpus > 0):
+        return {}
+    path = tcmalloc_path()
+    if path is None:
+        if r.allocator == "tcmalloc":
+            raise ValueError("rollout.allocator=tcmalloc: no libtcmalloc on this machine (Debian/Ubuntu: "
+                             "apt install libtcmalloc-minimal4), or set rollout.allocator=auto")
+        return {}
+    return {"LD_PRELOAD": path}
+
+
 def build_engine(cfg: Config, model_path: str, *, on_gpu: bool = False, max_model_len: Optional[int] = None,
                  seed: Optional[int] = None, **overrides):
+    import vllm.envs
     from vllm import LLM
 
     kwargs = engine_kwargs(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed)
     kwargs.update(overrides)
+    # vLLM reads the process mode from the environment only; an engine built earlier in this
+    # process froze its environment reads, hence the cache reset.
+    in_process = kwargs.get("distributed_executor_backend") == "uni"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    vllm.envs.disable_envs_cache()
     return LLM(**kwargs)

@@ -120,6 +120,9 @@ class RolloutGenerator:
         dirs = len(list(Path(self._dir).iterdir())) if self._dir is not None and Path(self._dir).is_dir() else 0
         return {"version": self.version, "loaded_loras": len(self.llm.llm_engine.list_loras()), "adapter_dirs": dirs}
 
+    def startup_seconds(self) -> float:
+        return self.startup_s
+
     def memory_stats(self) -> dict:
         # By process as well: the engine's worker and core are children of this actor.
         return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process()}
