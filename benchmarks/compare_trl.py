@@ -1,13 +1,19 @@
-"""compare-trl: rlhf-ray's PPO vs TRL's GRPOTrainer in one run, on the same base (the run's
-SFT model, else the tiny model), the same LoRA, the same prompts, the same reward model (the
-same scorer class, in TRL's process), the same number of generated samples and optimizer steps
-per sample; samples/s of each, and the judge score each policy reaches on the held-out prompts,
-measured by one evaluation function (HF sampling at temperature 1) for both.
+"""compare-trl: rlhf-ray vs TRL's GRPOTrainer in one run, with the same algorithm on both sides:
+GRPO (group-normalised advantages, ``rollout.samples_per_prompt`` = TRL's ``num_generations``),
+the k3 KL to the adapter-off reference as a loss term (TRL's ``beta``) at a fixed coefficient,
+token-mean loss over the minibatch (TRL's default ``dapo``), a truncated response scored as it
+is, the same clip, learning rate, epochs (TRL's ``num_iterations``), minibatch rows per
+optimizer step, base, LoRA, prompts and reward model (the same scorer class, in TRL's process).
 
-Why GRPO: TRL 1.x has no PPO trainer any more (PPO left the library; its online trainers are
-GRPO and RLOO). GRPO is its main one, with LoRA, a KL term to the adapter-off reference (beta)
-and reward functions; RLOO differs only in the baseline. Neither has a value head, so TRL does
-less work per sample than PPO: the comparison favours TRL on compute.
+The main row is the config's model (the run's SFT model and trained reward model after
+`make run`), with the held-out judge measured for both policies by one evaluation function
+(HF sampling at temperature 1). The curve rows measure samples/s only, at two model sizes
+(the tiny default and a 58 M-parameter Llama with a 32,000-token vocabulary built here, random
+weights) and two response lengths, because on the 0.5 M-parameter model fixed per-call costs
+dominate and say little about a larger one.
+
+Samples/s are reported over the whole training call and after each side's first step (vLLM's
+and HF's first calls, TRL's first generation round). Start-up is reported separately.
 """
 from __future__ import annotations
 
@@ -22,8 +28,44 @@ import torch
 from .common import table
 from .ppo_step import bench_config
 
-TARGET_SPEEDUP = 1.5
+TARGET_TINY = 1.0  # samples/s after warm-up, at an equal or better judge
+TARGET_MID = 1.5
 GENERATIONS_PER_PROMPT = 4
+MID = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 1376, "vocab": 32000}
+
+
+def grpo_config(cfg, steps: int, max_new_tokens: int):
+    """The config's run as GRPO with TRL's loss choices: ``ppo.batch_size`` prompts of
+    ``GENERATIONS_PER_PROMPT`` samples each step (the same samples per step as the PPO run)."""
+    prompts = max(cfg.learner.num_workers, cfg.ppo.batch_size // GENERATIONS_PER_PROMPT)
+    ppo = dataclasses.replace(cfg.ppo, steps=steps, batch_size=prompts, estimator="grpo", group_std=True,
+                              kl_in="loss", kl_estimator="k3", kl_target=None, truncated="score",
+                              loss_agg="token_mean", ratio_level="token", clip_eps_high=None)
+    rollout = dataclasses.replace(cfg.rollout, samples_per_prompt=GENERATIONS_PER_PROMPT,
+                                  max_new_tokens=max_new_tokens)
+    return dataclasses.replace(cfg, ppo=ppo, rollout=rollout)
+
+
+def build_mid_model(directory, tiny_dir: str, max_positions: int) -> str:
+    """A Llama of ``MID``'s shape with random weights and the tiny tokenizer grown to its
+    vocabulary with added tokens, so every id the model can sample decodes to text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_ray.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    tok.add_tokens([f"<w{i}>" for i in range(MID["vocab"] - len(tok))])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=MID["hidden"], intermediate_size=MID["intermediate"],
+        num_hidden_layers=MID["layers"], num_attention_heads=MID["heads"], num_key_value_heads=MID["heads"],
+        max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(directory)
+    tok.model_max_length = max_positions
+    tok.save_pretrained(directory)
+    return str(directory)
 
 
 @torch.no_grad()
@@ -62,16 +104,18 @@ def _rlhf_ray(cfg, steps: int) -> dict[str, Any]:
         records = tr.run(steps, evaluate=False)
         train_s = time.perf_counter() - t
         adapter = ray.get(tr.latest_adapter)
+    ray.shutdown()  # the next row starts its own head
     steady = records[1:] or records
-    return {"startup_s": startup, "train_s": train_s, "samples": sum(r["samples"] for r in records),
-            "samples_per_s": sum(r["samples"] for r in records) / train_s,
+    samples = sum(r["samples"] for r in records)
+    return {"startup_s": startup, "train_s": train_s, "samples": samples, "samples_per_s": samples / train_s,
             "samples_per_s_after_step0": sum(r["samples"] for r in steady) / sum(r["time_s"]["total"] for r in steady),
-            "adapter": adapter}
+            "reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"], "adapter": adapter}
 
 
 def _trl(cfg, base: str, reward: str, prompts: list[str], steps: int, out_dir: str) -> dict[str, Any]:
     import datasets
     from peft import LoraConfig
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from rlhf_ray.actors.reward import RewardScorer
@@ -85,82 +129,132 @@ def _trl(cfg, base: str, reward: str, prompts: list[str], steps: int, out_dir: s
     def reward_fn(prompts, completions, **_):
         return scorer.score(prompts, completions)
 
-    per_step = cfg.ppo.batch_size  # samples generated per rlhf-ray step
+    per_step = cfg.ppo.batch_size * cfg.rollout.samples_per_prompt  # samples generated per rlhf-ray step
     minibatch = cfg.learner.minibatch_size
+    rounds = per_step // minibatch  # optimizer steps per generation round and epoch
     args = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
         logging_steps=1, seed=cfg.model.seed, learning_rate=cfg.learner.lr, max_grad_norm=cfg.learner.max_grad_norm,
-        per_device_train_batch_size=minibatch, steps_per_generation=per_step // minibatch,
-        num_generations=GENERATIONS_PER_PROMPT, num_iterations=cfg.learner.epochs,
+        per_device_train_batch_size=minibatch, steps_per_generation=rounds,
+        num_generations=cfg.rollout.samples_per_prompt, num_iterations=cfg.learner.epochs,
         # the same optimizer steps per generated sample as rlhf-ray's epochs x minibatches
-        max_steps=steps * cfg.learner.epochs * (per_step // minibatch),
+        max_steps=steps * cfg.learner.epochs * rounds,
         max_completion_length=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
-        top_k=0, beta=cfg.ppo.kl_coef, epsilon=cfg.ppo.clip_eps, lr_scheduler_type="constant",
+        top_k=0, beta=cfg.ppo.kl_coef, epsilon=cfg.ppo.clip_eps, loss_type="dapo", scale_rewards="group",
+        mask_truncated_completions=False, lr_scheduler_type="constant",
         warmup_steps=0, dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32},
     )
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     tok = load_tokenizer(base)
+    ends: list[float] = []  # time at the end of every optimizer step
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
     trainer = GRPOTrainer(model=base, reward_funcs=reward_fn, args=args, processing_class=tok,
-                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), peft_config=lora)
+                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), peft_config=lora,
+                          callbacks=[Clock()])
     startup = time.perf_counter() - t0
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t
     samples = steps * per_step
+    per_round = cfg.learner.epochs * rounds  # optimizer steps per generation round (one rlhf-ray step)
+    after_first = (samples - per_step) / (ends[-1] - ends[per_round - 1]) if steps > 1 else samples / train_s
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {"startup_s": startup, "train_s": train_s, "samples": samples, "samples_per_s": samples / train_s,
+            "samples_per_s_after_step0": after_first,
             "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
             "model": trainer.model, "tokenizer": tok}
+
+
+def _pair(cfg, base: str, reward: str, prompts: list[str], steps: int) -> tuple[dict, dict]:
+    ours = _rlhf_ray(cfg, steps)
+    with tempfile.TemporaryDirectory() as out_dir:
+        theirs = _trl(cfg, base, reward, prompts, steps, out_dir)
+    return ours, theirs
+
+
+def _strip(d: dict) -> dict:
+    return {key: v for key, v in d.items() if key not in ("adapter", "model", "tokenizer")}
 
 
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     from peft import set_peft_model_state_dict
 
     from rlhf_ray.data.prompts import load_prompt_texts
-    from rlhf_ray.models import add_lora, load_causal_lm, load_tokenizer
+    from rlhf_ray.models import add_lora, load_causal_lm, load_tokenizer, resolve_model_path
     from rlhf_ray.stages import policy_base, reward_path
 
     cfg = bench_config(cfg)
-    steps = args.trl_steps
-    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, steps=steps))
-    base, reward = policy_base(cfg), reward_path(cfg)
+    steps, new = args.trl_steps, cfg.rollout.max_new_tokens
+    main_cfg = grpo_config(cfg, steps, new)
+    base, reward = policy_base(main_cfg), reward_path(main_cfg)
     prompts = load_prompt_texts(cfg.data, cfg.data.prompts_path)
     held = load_prompt_texts(cfg.data, cfg.eval.prompts_path, key="eval.prompts_path",
                              num=cfg.eval.num_prompts, split="heldout")
-    k, new = cfg.eval.samples_per_prompt, cfg.rollout.max_new_tokens
+    k = cfg.eval.samples_per_prompt
 
-    ours = _rlhf_ray(cfg, steps)
-    with tempfile.TemporaryDirectory() as out_dir:
-        theirs = _trl(cfg, base, reward, prompts, steps, out_dir)
-
-    # One evaluation for all three policies: base (adapter off), rlhf-ray's adapter, TRL's adapter.
+    # The main row: the config's model, judged.
+    ours, theirs = _pair(main_cfg, base, reward, prompts, steps)
     tok = load_tokenizer(base)
     judged = {"base": judge_with_hf(theirs["model"], tok, held, k, new, seed=1, adapter=False),
               "trl": judge_with_hf(theirs["model"], theirs["tokenizer"], held, k, new, seed=1)}
     policy = add_lora(load_causal_lm(base, cfg.model.dtype), cfg.lora)
     set_peft_model_state_dict(policy, ours["adapter"].tensors)
     judged["rlhf_ray"] = judge_with_hf(policy, tok, held, k, new, seed=1)
+    main = {"model": "config", "max_new_tokens": new, "steps": steps, "rlhf_ray": _strip(ours),
+            "trl": _strip(theirs), "judge": judged,
+            "speedup": ours["samples_per_s"] / theirs["samples_per_s"],
+            "speedup_after_step0": ours["samples_per_s_after_step0"] / theirs["samples_per_s_after_step0"]}
+    del theirs, policy
 
-    speedup = ours["samples_per_s"] / theirs["samples_per_s"]
-    met = speedup >= TARGET_SPEEDUP and judged["rlhf_ray"] >= judged["trl"]
-    strip = lambda d: {key: v for key, v in d.items() if key not in ("adapter", "model", "tokenizer")}
-    results = {
-        "trl_trainer": "GRPOTrainer", "rlhf_ray": strip(ours), "trl": strip(theirs), "judge": judged,
-        "speedup_samples_per_s": speedup,
-        "speedup_after_step0": ours["samples_per_s_after_step0"] / theirs["samples_per_s"],
-        "targets": {"speedup_at_equal_or_better_judge": {
-            "value": speedup, "goal": f">= {TARGET_SPEEDUP} with judge >= TRL's", "met": met}},
-        "_extra_versions": ["trl", "accelerate"],
-    }
-    rows = [["rlhf-ray PPO (2 vLLM actors, Ray Train)", ours["samples"], round(ours["startup_s"], 1),
-             round(ours["train_s"], 1), round(ours["samples_per_s"], 2), round(judged["rlhf_ray"], 3)],
-            ["TRL GRPOTrainer (HF generate)", theirs["samples"], round(theirs["startup_s"], 1),
-             round(theirs["train_s"], 1), round(theirs["samples_per_s"], 2), round(judged["trl"], 3)]]
-    text = table(["system", "samples", "start-up s", "train s", "samples/s", "judge"], rows)
-    text += (f"\nbase (adapter off) judge: {judged['base']:.3f}; rlhf-ray / TRL samples/s = {speedup:.2f} "
-             f"({results['speedup_after_step0']:.2f} after rlhf-ray's step 0); target >= {TARGET_SPEEDUP} at an "
-             f"equal or better judge score: {'met' if met else 'NOT met'}")
-    params = {"steps": steps, "samples_per_step": cfg.ppo.batch_size, "generations_per_prompt_trl":
-              GENERATIONS_PER_PROMPT, "eval_prompts": len(held), "eval_samples_per_prompt": k}
+    # The curve: samples/s only, by model size and response length.
+    curve = []
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [new]
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = {"tiny": str(resolve_model_path(cfg.model))}
+        if args.mid_size:
+            longest = max(lengths) + cfg.data.max_prompt_tokens + 8
+            sizes["mid"] = build_mid_model(os.path.join(tmp, "mid"), sizes["tiny"], max(256, longest))
+        for size, path in sizes.items() if args.curve_steps > 0 else ():
+            for length in lengths:
+                c = grpo_config(cfg, args.curve_steps, length)
+                c = dataclasses.replace(c, model=dataclasses.replace(c.model, path=path),
+                                        ppo=dataclasses.replace(c.ppo, base="model"))
+                o, t = _pair(c, path, reward, prompts, args.curve_steps)
+                curve.append({"model": size, "max_new_tokens": length, "steps": args.curve_steps,
+                              "rlhf_ray": _strip(o), "trl": _strip(t),
+                              "speedup": o["samples_per_s"] / t["samples_per_s"],
+                              "speedup_after_step0": o["samples_per_s_after_step0"] / t["samples_per_s_after_step0"]})
+                del t
+
+    tiny_met = main["speedup_after_step0"] >= TARGET_TINY and judged["rlhf_ray"] >= judged["trl"]
+    mid = [r for r in curve if r["model"] == "mid" and r["max_new_tokens"] == new]
+    targets = {"tiny_after_warmup_at_equal_or_better_judge": {
+        "value": main["speedup_after_step0"], "goal": f">= {TARGET_TINY} with judge >= TRL's", "met": tiny_met}}
+    if mid:
+        targets["mid_size_after_warmup"] = {"value": mid[0]["speedup_after_step0"], "goal": f">= {TARGET_MID}",
+                                            "met": mid[0]["speedup_after_step0"] >= TARGET_MID}
+    results = {"trl_trainer": "GRPOTrainer", "algorithm": "GRPO on both sides", "main": main, "curve": curve,
+               "mid_model": dict(MID), "targets": targets, "_extra_versions": ["trl", "accelerate"]}
+
+    def row(r, judge=None):
+        o, t = r["rlhf_ray"], r["trl"]
+        return [r["model"], r["max_new_tokens"], o["samples"], round(o["startup_s"], 1), round(t["startup_s"], 1),
+                round(o["samples_per_s"], 2), round(t["samples_per_s"], 2), round(r["speedup"], 2),
+                round(o["samples_per_s_after_step0"], 2), round(t["samples_per_s_after_step0"], 2),
+                round(r["speedup_after_step0"], 2)] + ([judge] if judge is not None else ["-"])
+    text = table(["model", "tokens", "samples", "start-up s ours", "start-up s TRL", "samples/s ours",
+                  "samples/s TRL", "ratio", "after step 0 ours", "after step 0 TRL", "ratio", "judge ours/TRL"],
+                 [row(main, f"{judged['rlhf_ray']:.3f}/{judged['trl']:.3f}")] + [row(r) for r in curve])
+    text += (f"\nGRPO, {GENERATIONS_PER_PROMPT} samples per prompt, on both sides; base (adapter off) judge "
+             f"{judged['base']:.3f}.\n" + "\n".join(
+                 f"target {name}: {t['value']:.2f} (goal {t['goal']}): {'met' if t['met'] else 'NOT met'}"
+                 for name, t in targets.items()))
+    params = {"steps": steps, "curve_steps": args.curve_steps, "samples_per_step": main_cfg.ppo.batch_size
+              * GENERATIONS_PER_PROMPT, "generations_per_prompt": GENERATIONS_PER_PROMPT, "lengths": lengths,
+              "eval_prompts": len(held), "eval_samples_per_prompt": k}
     return params, results, text

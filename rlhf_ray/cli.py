@@ -204,7 +204,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
-    "soak": ("soak", "run"),
+    "soak": ("soak", "run"), "startup": ("startup", "run"),
 }
 
 
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         if name == "bench":
             p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-            p.add_argument("--repeats", type=int, default=3, help="rollout: timed rounds")
+            p.add_argument("--repeats", type=int, default=3, help="rollout: timed rounds; startup: rounds of every variant")
             p.add_argument("--num-prompts", type=int, default=64, help="rollout: prompts per round")
             p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
             p.add_argument("--soak", type=int, default=1000, help="sync: soak publishes")
@@ -277,10 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(soak: use 300)")
             p.add_argument("--max-actors", type=int, default=2, help="scaling: largest rollout fleet")
             p.add_argument("--trl-steps", type=int, default=10, help="compare-trl: training steps of each")
+            p.add_argument("--variants", default=None,
+                           help="startup: which engine layouts, e.g. separate,in-process (default: all this machine has)")
+            p.add_argument("--curve-steps", type=int, default=4,
+                           help="compare-trl: training steps of each in the size and length curve")
+            p.add_argument("--lengths", default=None,
+                           help="compare-trl: response lengths of the curve, e.g. 32,128 (default: the config's)")
             p.add_argument("--rows", type=int, default=8, help="learner-memory: batch rows")
             p.add_argument("--seq-len", type=int, default=1024, help="learner-memory: tokens per row")
             p.add_argument("--mid-size", action=argparse.BooleanOptionalAction, default=True,
-                           help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one)")
+                           help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one); "
+                                "compare-trl: a curve row with it")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "

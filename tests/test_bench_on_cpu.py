@@ -14,7 +14,8 @@ TINY_ARGS = {
     "step": ["--steps", "1"],
     "memory": ["--steps", "2", "--no-plan-checks"],  # test_plan_on_cpu.py runs the same checks
     "scaling": ["--steps", "1", "--max-actors", "2"],
-    "compare-trl": ["--trl-steps", "1", "eval.num_prompts=4"],
+    "compare-trl": ["--trl-steps", "1", "--curve-steps", "0", "--no-mid-size", "eval.num_prompts=4"],
+    "startup": ["--repeats", "1", "--variants", "in-process"],
     "learner-memory": ["--no-mid-size", "--rows", "4", "--seq-len", "64"],
 }
 
@@ -52,5 +53,11 @@ def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
         for phases in res["by_variant"].values():
             assert phases["update"]["peak_bytes"] >= phases["update"]["resident_bytes"] > 0
     elif name == "compare-trl":
-        assert res["trl"]["samples"] == res["rlhf_ray"]["samples"] == 8
-        assert doc["versions"]["trl"] and 0.0 <= res["judge"]["trl"] <= 1.0
+        main = res["main"]  # GRPO on both sides: 2 prompts x 4 samples per step
+        assert main["trl"]["samples"] == main["rlhf_ray"]["samples"] == 8 and res["curve"] == []
+        assert doc["versions"]["trl"] and 0.0 <= main["judge"]["trl"] <= 1.0
+        assert doc["config"]["ppo"]["estimator"] == "gae"  # the config as given; the GRPO one is derived
+    elif name == "startup":
+        assert set(res["summary"]) == {"in-process"}
+        for runs in res["runs"].values():
+            assert runs[0]["startup_s"] > 0 and runs[0]["cpu_s_total"] > 0 and runs[0]["parts"]["learner"] > 0
