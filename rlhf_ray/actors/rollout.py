@@ -124,7 +124,8 @@ class RolloutGenerator:
         return self.startup_s
 
     def memory_stats(self) -> dict:
-        # By process as well: the engine's worker and core are children of this actor.
+        # By process as well: with rollout.engine_in_process off, the engine's core and worker
+        # are child processes of this actor.
         return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process()}
 
     def shutdown(self) -> None:
