@@ -96,3 +96,36 @@ def write_result(name: str, cfg, params: dict[str, Any], results: dict[str, Any]
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str))
     return path
+
+
+# The mid-size Llama the learner-memory and compare-trl benchmarks build (58 M parameters).
+MID = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 1376, "vocab": 32000}
+
+
+def build_mid_model(directory: Path, spec: dict[str, int], max_positions: int,
+                    tokenizer_from: Optional[str] = None) -> tuple[str, int]:
+    """A Llama of ``spec``'s shape with random weights saved with ``save_pretrained``; returns
+    (path, parameter count). Without ``tokenizer_from`` it has no tokenizer (the learner needs
+    none); with it, that model's tokenizer grown to ``spec["vocab"]`` by added tokens is saved
+    beside it, so every id the model can sample decodes to text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    special = {}
+    tok = None
+    if tokenizer_from is not None:
+        from rlhf_ray.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_from)
+        tok.add_tokens([f"<w{i}>" for i in range(spec["vocab"] - len(tok))])
+        special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+        max_position_embeddings=max_positions, tie_word_embeddings=False, **special))
+    model.save_pretrained(directory)
+    if tok is not None:
+        tok.model_max_length = max_positions
+        tok.save_pretrained(directory)
+    return str(directory), sum(p.numel() for p in model.parameters())

@@ -21,17 +21,17 @@ import dataclasses
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import table
+from .common import MID, build_mid_model, table
 from .ppo_step import bench_config
 
 TARGET_TINY = 1.0  # samples/s after warm-up, at an equal or better judge
 TARGET_MID = 1.5
 GENERATIONS_PER_PROMPT = 4
-MID = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 1376, "vocab": 32000}
 
 
 def grpo_config(cfg, steps: int, max_new_tokens: int):
@@ -44,28 +44,6 @@ def grpo_config(cfg, steps: int, max_new_tokens: int):
     rollout = dataclasses.replace(cfg.rollout, samples_per_prompt=GENERATIONS_PER_PROMPT,
                                   max_new_tokens=max_new_tokens)
     return dataclasses.replace(cfg, ppo=ppo, rollout=rollout)
-
-
-def build_mid_model(directory, tiny_dir: str, max_positions: int) -> str:
-    """A Llama of ``MID``'s shape with random weights and the tiny tokenizer grown to its
-    vocabulary with added tokens, so every id the model can sample decodes to text."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rlhf_ray.models import load_tokenizer
-
-    tok = load_tokenizer(tiny_dir)
-    tok.add_tokens([f"<w{i}>" for i in range(MID["vocab"] - len(tok))])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=MID["hidden"], intermediate_size=MID["intermediate"],
-        num_hidden_layers=MID["layers"], num_attention_heads=MID["heads"], num_key_value_heads=MID["heads"],
-        max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    model.save_pretrained(directory)
-    tok.model_max_length = max_positions
-    tok.save_pretrained(directory)
-    return str(directory)
 
 
 @torch.no_grad()
@@ -177,8 +155,12 @@ def _pair(cfg, base: str, reward: str, prompts: list[str], steps: int) -> tuple[
     return ours, theirs
 
 
-def _strip(d: dict) -> dict:
-    return {key: v for key, v in d.items() if key not in ("adapter", "model", "tokenizer")}
+def _compared(model: str, length: int, steps: int, ours: dict, theirs: dict) -> dict[str, Any]:
+    """One row of the comparison: both sides' figures (without their models) and the ratios."""
+    strip = lambda d: {key: v for key, v in d.items() if key not in ("adapter", "model", "tokenizer")}  # noqa: E731
+    return {"model": model, "max_new_tokens": length, "steps": steps, "rlhf_ray": strip(ours), "trl": strip(theirs),
+            "speedup": ours["samples_per_s"] / theirs["samples_per_s"],
+            "speedup_after_step0": ours["samples_per_s_after_step0"] / theirs["samples_per_s_after_step0"]}
 
 
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -205,10 +187,7 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     policy = add_lora(load_causal_lm(base, cfg.model.dtype), cfg.lora)
     set_peft_model_state_dict(policy, ours["adapter"].tensors)
     judged["rlhf_ray"] = judge_with_hf(policy, tok, held, k, new, seed=1)
-    main = {"model": "config", "max_new_tokens": new, "steps": steps, "rlhf_ray": _strip(ours),
-            "trl": _strip(theirs), "judge": judged,
-            "speedup": ours["samples_per_s"] / theirs["samples_per_s"],
-            "speedup_after_step0": ours["samples_per_s_after_step0"] / theirs["samples_per_s_after_step0"]}
+    main = {**_compared("config", new, steps, ours, theirs), "judge": judged}
     del theirs, policy
 
     # The curve: samples/s only, by model size and response length.
@@ -218,17 +197,14 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
         sizes = {"tiny": str(resolve_model_path(cfg.model))}
         if args.mid_size:
             longest = max(lengths) + cfg.data.max_prompt_tokens + 8
-            sizes["mid"] = build_mid_model(os.path.join(tmp, "mid"), sizes["tiny"], max(256, longest))
+            sizes["mid"], _ = build_mid_model(Path(tmp) / "mid", MID, max(256, longest), tokenizer_from=sizes["tiny"])
         for size, path in sizes.items() if args.curve_steps > 0 else ():
             for length in lengths:
                 c = grpo_config(cfg, args.curve_steps, length)
                 c = dataclasses.replace(c, model=dataclasses.replace(c.model, path=path),
                                         ppo=dataclasses.replace(c.ppo, base="model"))
                 o, t = _pair(c, path, reward, prompts, args.curve_steps)
-                curve.append({"model": size, "max_new_tokens": length, "steps": args.curve_steps,
-                              "rlhf_ray": _strip(o), "trl": _strip(t),
-                              "speedup": o["samples_per_s"] / t["samples_per_s"],
-                              "speedup_after_step0": o["samples_per_s_after_step0"] / t["samples_per_s_after_step0"]})
+                curve.append(_compared(size, length, args.curve_steps, o, t))
                 del t
 
     tiny_met = main["speedup_after_step0"] >= TARGET_TINY and judged["rlhf_ray"] >= judged["trl"]

@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, table
+from .common import MID, ROOT, build_mid_model, table
 
-MID = {"layers": 8, "hidden": 512, "heads": 8, "intermediate": 1376, "vocab": 32000}
 GOALS_GIB = {"evaluate": 1.0, "update": 3.0}
 
 # Runs inside the measured process: only the learner API that the old and the new code share.
@@ -63,21 +62,6 @@ peak[0] = max(peak[0], proc.memory_info().rss)
 print("RESULT " + json.dumps({"resident_bytes": base, "peak_bytes": peak[0], "rise_bytes": peak[0] - base,
                               "seconds": seconds, "code": rlhf_ray.__file__}))
 '''
-
-
-def build_mid_model(directory: Path, spec: dict[str, int], max_positions: int) -> tuple[str, int]:
-    """A Llama with random weights saved with ``save_pretrained`` (no tokenizer: the learner
-    needs none). Returns (path, parameter count)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        max_position_embeddings=max_positions, tie_word_embeddings=False))
-    model.save_pretrained(directory)
-    return str(directory), sum(p.numel() for p in model.parameters())
 
 
 def _phase(code_root: Path, args: dict[str, Any]) -> dict[str, Any]:

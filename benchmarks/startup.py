@@ -14,6 +14,7 @@ bigger machine, which runs the parts in parallel, would wait for."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any
@@ -103,5 +104,5 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     text += "\n\n" + table([f"process ({best})", "CPU s"], [[k, round(v, 1)] for k, v in top])
     text += (f"\n\nmedians of {args.repeats}; {best} / {first} start-up = {ratio:.2f}; target <= {TARGET_S:g} s: "
              f"{'met' if results['targets']['startup']['met'] else 'NOT met'}")
-    params = {"repeats": args.repeats, "variants": variants, "cores": len(__import__("os").sched_getaffinity(0))}
+    params = {"repeats": args.repeats, "variants": variants, "cores": len(os.sched_getaffinity(0))}
     return params, results, text
