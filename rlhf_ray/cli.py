@@ -85,7 +85,10 @@ def _finish(cfg: Config, records: list[dict]) -> None:
     table = targets_table(run_dir)
     if table:
         print("\n" + table)
-    print(f"\nmetrics: {run_dir / 'metrics.jsonl'}\nreport:  {report}\nplots:   {run_dir / 'plots'}")
+    print(f"\nmetrics: {run_dir / 'metrics.jsonl'}\nreport:  {report}\nplots:   {run_dir / 'plots'}\n"
+          f"logs:    {run_dir / 'logs'}")
+    if "tensorboard" in cfg.output.trackers:
+        print(f"tensorboard --logdir {run_dir.parent}")
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
@@ -298,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="memory of one GPU (default: cluster.gpu_memory_gib; RTX 3090: 24)")
             p.add_argument("--nodes", type=int, default=None,
                            help="nodes the GPUs are spread over, evenly (default: cluster.nodes)")
+        noise = p.add_mutually_exclusive_group()
+        noise.add_argument("--quiet", action="store_true", help="warnings and results only (no progress bars)")
+        noise.add_argument("--verbose", action="store_true", help="also debug messages")
         if name in REHEARSABLE:
             p.add_argument("--rehearse", action="store_true",
                            help="run this config's actors, resource requests and placement with a tiny model of the "
@@ -326,6 +332,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra.insert(0, args.resume)
         args.resume = ""
     args.all_overrides = [*args.overrides, *extra]
+    from .logs import setup_logging
+
+    setup_logging("quiet" if args.quiet else "verbose" if args.verbose else "normal")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
     try:
         cfg = load_config(args.config, args.all_overrides)
     except ConfigError as e:
@@ -347,6 +358,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RoleFailed, ConnectionError, FileNotFoundError, ValueError) as e:
         # Data, model and role errors name their file/key/role; a traceback adds nothing.
         print(f"rlhf-ray {args.command}: {e}", file=sys.stderr)
+        if isinstance(e, RoleFailed):
+            from .logs import tail
+
+            # The role's own output went to its log file, not to this screen: show its end.
+            last = tail(cfg.output.run_dir.resolve(), e.role.split()[0])
+            if last:
+                print(last, file=sys.stderr)
         return 1
 
 

@@ -112,18 +112,25 @@ class DataConfig:
 
     prompts_path: Optional[str] = None  # JSONL/JSON file or `datasets` dir: `prompt`, or text + label
     num_prompts: int = 256  # generated prompts; a file is capped at this many
-    max_prompt_tokens: int = 32
+    max_prompt_tokens: int = 32  # longer prompts are cut or left out (over_long)
     on_bad_record: str = "skip"  # skip (count and report file:line) or error (stop at the first)
     text_field: Optional[str] = None  # classification sets: the text column; None = first of prompt/text/sentence/...
     label_field: str = "label"
     keep_labels: Optional[List[str]] = None  # e.g. ["0"] to prompt only with negative reviews
     prompt_words: Optional[int] = None  # keep the first N words of each text as the prompt
+    chat_template: str = "auto"  # message lists: auto (the tokenizer's template, if any), none (plain), or a Jinja file
+    over_long: str = "truncate"  # prompts/dialogues over a length limit: truncate (oldest tokens) or drop
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "max_prompt_tokens")
         _check(self.on_bad_record in ("skip", "error"), "on_bad_record",
                f"must be 'skip' or 'error', got {self.on_bad_record!r}")
+        t = self.chat_template
+        _check(t in ("auto", "none") or (t.strip() == t != "" and t.lower() not in ("auto", "none", "null")),
+               "chat_template", f"must be 'auto', 'none' or the path of a Jinja template file, got {t!r}")
+        _check(self.over_long in ("truncate", "drop"), "over_long",
+               f"must be 'truncate' or 'drop', got {self.over_long!r}")
         _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
                f"must be > 0 or null, got {self.prompt_words!r}")
         _seed(self)
@@ -453,6 +460,9 @@ class OutputConfig:
     dir: str = "runs"
     name: str = "default"
     save_every: int = 0  # also write <run>/adapter every N PPO steps (0 = only at the end)
+    # Where every stage's figures go besides the jsonl files (always written): tensorboard
+    # (<run>/tensorboard/<stage>), wandb and mlflow (`pip install 'rlhf-ray[trackers]'`).
+    trackers: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     @property
     def run_dir(self) -> Path:
@@ -463,6 +473,11 @@ class OutputConfig:
         _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                f"must be a non-empty name without '/' (and not . or ..), got {self.name!r}")
         _check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every!r}")
+        from .tracking import TRACKERS
+
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        _check(not unknown, "trackers", f"{unknown} not among {list(TRACKERS)}")
+        _check(len(set(self.trackers)) == len(self.trackers), "trackers", f"names a tracker twice: {self.trackers}")
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@ before they take any prompt), dealt prompts, given new adapter versions, scaled 
 Its size is independent of the learner's."""
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .batch import Samples
 from .config import Config
 from .launch import RoleFailed, RolePlacement, call, spawn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,7 +130,7 @@ class RolloutFleet:
             pass
         # Into the same placement bundle: on a full GPU cluster there is no other room.
         new = self._spawn(slot=self._slot.get(name))
-        print(f"rlhf-ray: {name} {why.kind or 'failed'} ({why}); replaced by {new[0]}", file=sys.stderr)
+        log.warning("%s %s (%s); replaced by %s", name, why.kind or "failed", why, new[0])
         try:
             self._load_latest(new)
         except BaseException:

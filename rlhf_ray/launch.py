@@ -2,6 +2,7 @@
 roles with their resources, calling them with timeouts, and the learner group."""
 from __future__ import annotations
 
+import logging
 import os
 import queue as _queue
 import socket
@@ -13,6 +14,8 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from .config import Config
+
+log = logging.getLogger(__name__)
 
 # Each role's process gets one math thread: on a laptop the roles outnumber the cores,
 # and oversubscribed OpenMP pools spin against each other.
@@ -59,12 +62,14 @@ def connect(cfg: Config) -> str:
     if address:
         if address != "auto":
             _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=False)
         return f"joined {address}"
     auth = _local_auth(cfg.cluster.local_auth)
     # address="local": a head of our own even when another local cluster is running. The
     # dashboard (which also accepts job submissions) listens on cluster.dashboard_host only.
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+    # log_to_driver=False: the roles write to <run>/logs (logs.redirect_output); Ray's own
+    # actors (Ray Train's controller) keep their lines in its session logs (<run>/logs/ray).
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True, log_to_driver=False,
              dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": dict(ROLE_ENV)})
     return f"started a local head (dashboard on {cfg.cluster.dashboard_host}; {auth})"
 
@@ -87,8 +92,8 @@ def _local_auth(mode: str) -> str:
         default.touch(mode=0o600)
         default.write_text(secrets.token_hex(32))
         have = True
-        print(f"rlhf-ray: made a Ray auth token in {default} so the local head asks for it "
-              "(cluster.local_auth=ray_default: leave it to Ray)", file=sys.stderr)
+        log.warning("made a Ray auth token in %s so the local head asks for it "
+                    "(cluster.local_auth=ray_default: leave it to Ray)", default)
     return "token authentication" if have else "no authentication (no Ray auth token on this machine)"
 
 
@@ -157,7 +162,7 @@ def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]
     if waits:
         import sys
 
-        print("rlhf-ray: the roles will wait for resources: " + "; ".join(waits), file=sys.stderr)
+        log.warning("the roles will wait for resources: %s", "; ".join(waits))
 
 
 def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:
@@ -241,11 +246,15 @@ def spawn(cls: type, cfg: Config, *args: Any, num_cpus: float, num_gpus: float =
     """Start ``cls(cfg, *args, **kwargs)`` as an actor. ``restarts``: Ray starts a dead actor
     again this many times (same arguments, same bundle) and re-runs the call it died in; only
     for roles whose calls are pure functions of their inputs (reward, reference). ``env``: more
-    environment for the actor's process, on top of ``ROLE_ENV``."""
+    environment for the actor's process, on top of ``ROLE_ENV``. The role's output goes to
+    ``<run>/logs/<role>.log`` (see ``logs.redirect_output``)."""
     import ray
 
+    from .logs import LOG_DIR_ENV, log_dir
+
+    env = {**ROLE_ENV, LOG_DIR_ENV: str(log_dir(cfg.output.run_dir.resolve())), **(env or {})}
     return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=restarts,
-                                   max_task_retries=restarts, runtime_env={"env_vars": {**ROLE_ENV, **(env or {})}},
+                                   max_task_retries=restarts, runtime_env={"env_vars": env},
                                    **(placement or {})).remote(cfg, *args, **kwargs)
 
 
@@ -300,6 +309,7 @@ class LearnerGroup:
         from ray.util.queue import Queue
 
         from .actors.learner import train_loop
+        from .logs import log_dir
 
         self.cfg = cfg
         self.world = cfg.learner.num_workers
@@ -309,7 +319,8 @@ class LearnerGroup:
         self.restarts = 0
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg, "model_path": model_path, "outbox": self.outbox},
+            train_loop_config={"cfg": cfg, "model_path": model_path, "outbox": self.outbox,
+                               "log_dir": str(log_dir(cfg.output.run_dir.resolve()))},
             scaling_config=ScalingConfig(
                 num_workers=self.world, use_gpu=cfg.learner.use_gpu,
                 resources_per_worker={"CPU": cfg.learner.num_cpus_per_worker}),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-import sys
+import logging
 import time
 import warnings
 from collections import deque
@@ -34,7 +34,11 @@ from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
+from .logs import link_ray_logs, log_to_run_dir
 from .telemetry import MetricsWriter, StageTimer
+from .tracking import RayGauges, Trackers
+
+log = logging.getLogger(__name__)
 
 EVAL_STEP = -1  # the seed "step" of held-out evaluations: never one of the training steps
 
@@ -86,6 +90,7 @@ class PPOTrainer:
         check_writable("output.dir", cfg.output.dir)
         self.run_dir = cfg.output.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_to_run_dir(self.run_dir)
 
         # Everything that can be checked locally is checked before any actor starts.
         self.model_path = policy_base(cfg)
@@ -110,8 +115,8 @@ class PPOTrainer:
         # after its checkpoint (the future it abandons), so "newest" and pruning mean this run's.
         dropped = discard_checkpoints(self.run_dir, after=self.resumed_from.step if self.resumed_from else -1)
         if dropped:
-            print(f"rlhf-ray: removed {len(dropped)} checkpoint(s) of an earlier run in {self.run_dir / 'checkpoints'} "
-                  f"({', '.join(p.name for p in dropped)})", file=sys.stderr)
+            log.warning("removed %d checkpoint(s) of an earlier run in %s (%s)", len(dropped),
+                        self.run_dir / "checkpoints", ", ".join(p.name for p in dropped))
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))  # after the checks: a refused resume keeps it
         clock.seconds["checks"] = time.perf_counter() - self._t0
 
@@ -119,6 +124,7 @@ class PPOTrainer:
 
         with clock.stage("ray"):
             self.how_connected = connect(cfg)
+            link_ray_logs(self.run_dir)
             preflight(cfg)
         from .actors.reference import ReferencePolicy
         from .actors.reward import RewardScorer
@@ -127,6 +133,8 @@ class PPOTrainer:
         self.fleet = None
         self.learner = None
         try:
+            # metrics.jsonl (below) is the jsonl tracker here: a restart from a checkpoint rewrites it.
+            self.trackers = Trackers(cfg, "ppo", self.run_dir)
             # The roles' group is reserved before the learner's, so Ray Train's workers take
             # the GPUs it leaves (see RolePlacement).
             with clock.stage("placement"):
@@ -191,6 +199,7 @@ class PPOTrainer:
         if self.resumed_from is not None:
             self._restore_driver(self.resumed_from.state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resumed_from is not None)
+        self.gauges = RayGauges(cfg.output.name)
 
     @property
     def _timeout(self) -> float:
@@ -399,6 +408,8 @@ class PPOTrainer:
         record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad),
                       update_skipped=record["update_skipped"] or bool(bad))
         self.metrics.write(record)
+        self.trackers.log(record, record["step"])
+        self.gauges.set(record)
         self.step_index += 1
         self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
         if cfg.output.save_every and self.step_index % cfg.output.save_every == 0:
@@ -490,6 +501,7 @@ class PPOTrainer:
 
         if evaluate and "before" not in self.evals:  # a resumed run keeps its first evaluation
             self.evals["before"] = self.evaluate("before PPO")
+            self.trackers.log(self.evals["before"], self.step_index, prefix="eval")
         first = self.step_index
         target = first + steps if steps is not None else self.cfg.ppo.steps
         records = list(self.previous_records)
@@ -508,6 +520,7 @@ class PPOTrainer:
         self.save_policy()
         if evaluate:
             self.evals["after"] = self.evaluate("after PPO")
+            self.trackers.log(self.evals["after"], self.step_index, prefix="eval")
         self.summary = self._summarise(records)
         (self.run_dir / "ppo.json").write_text(json.dumps(self.summary, indent=2))
         return [r for r in records if r["step"] >= first]
@@ -562,6 +575,8 @@ class PPOTrainer:
                 self.placement.close()
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
+            if getattr(self, "trackers", None) is not None:
+                self.trackers.close()
 
     def __enter__(self) -> "PPOTrainer":
         return self

@@ -216,8 +216,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from ray.util.queue import Queue
 
+    from ..logs import redirect_output
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    redirect_output(f"learner-rank{rank}", config.get("log_dir"))
     # Each worker makes its own inbox, announced with "ready": it dies with the worker, so when
     # Ray Train restarts the group no request meant for the old workers reaches the new ones.
     inbox, outbox = Queue(actor_options={"num_cpus": 0}), config["outbox"]

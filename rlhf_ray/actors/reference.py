@@ -10,6 +10,7 @@ import torch
 from ..batch import TokenBatch, to_action_width
 from ..config import Config
 from ..devices import role_device
+from ..logs import redirect_output
 from ..telemetry import MemorySampler
 
 
@@ -20,6 +21,7 @@ class ReferencePolicy:
         from ..models import load_causal_lm
         from ..models.policy import Sampling
 
+        redirect_output(self.role)  # before vLLM / transformers print anything
         torch.set_num_threads(1)
         self.cfg = cfg
         self.device = role_device(self.role, cfg.reference.num_gpus, f"reference.num_gpus={cfg.reference.num_gpus:g}",

@@ -7,6 +7,7 @@ import torch
 
 from ..config import Config
 from ..devices import role_device
+from ..logs import redirect_output
 from ..telemetry import MemorySampler
 
 
@@ -17,6 +18,7 @@ class RewardScorer:
         from ..models.reward import load_reward_model
         from ..stages.rm import load_normalizer
 
+        redirect_output(self.role)  # before vLLM / transformers print anything
         torch.set_num_threads(1)
         self.cfg = cfg
         self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}",

@@ -14,6 +14,7 @@ from typing import Optional
 from ..batch import Samples
 from ..config import Config
 from ..devices import role_device
+from ..logs import redirect_output
 from ..sync import AdapterVersion, adapter_root, remove_adapter_dir, write_adapter
 from ..telemetry import MemorySampler, rss_by_process
 from .engine import build_engine
@@ -26,6 +27,7 @@ class RolloutGenerator:
                  max_model_len: Optional[int] = None, engine=None):
         """``engine``: an already built ``vllm.LLM`` (made with ``logprobs_mode="processed_logprobs"``)
         to serve from instead of starting one; tests share one engine this way."""
+        redirect_output(name)  # before vLLM / transformers print anything
         self.cfg = cfg
         self.name = name
         on_gpu = role_device(name, cfg.rollout.num_gpus, f"rollout.num_gpus={cfg.rollout.num_gpus:g}",

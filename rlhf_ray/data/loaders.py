@@ -7,8 +7,13 @@ Three shapes are understood:
 - preference pairs: ``prompt`` + ``chosen`` + ``rejected`` (+ optional ``margin``), the
   chosen/rejected dialogue style with the prompt inside both texts (split at the last
   ``\\n\\nAssistant:``), or ``chosen``/``rejected`` as message lists;
-- prompts: a ``prompt`` column, or a classification set (sentence/text + label) turned into
-  prompts, optionally keeping some labels and the first words only.
+- prompts: a ``prompt`` column (text, or a list of messages), ``messages``, or a classification
+  set (sentence/text + label) turned into prompts, optionally keeping some labels and the first
+  words only.
+
+Message lists are rendered by a :class:`Renderer` (``data.chat_template``): the tokenizer's chat
+template, or the plain ``\n\nHuman: ...\n\nAssistant:`` layout. A path that is neither a
+local file nor a directory is read as a ``datasets`` hub name (``org/name[:split]``).
 
 A malformed record is skipped and counted (``data.on_bad_record: skip``) or stops the load
 (``error``); every count is in the :class:`LoadReport`, nothing is dropped silently.
@@ -22,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 
 T = TypeVar("T")
 ASSISTANT = "\n\nAssistant:"
 _ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant", "system": "System"}
-TEXT_FIELDS = ("prompt", "text", "sentence", "review", "content", "question", "document")
+_TEMPLATE_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+TEXT_FIELDS = ("prompt", "messages", "text", "sentence", "review", "content", "question", "document")
 
 
 class DataError(ValueError):
@@ -90,6 +96,10 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(ds):
             yield f"{p}[record {i}]", rec
         return
+    if not p.is_file() and is_hub_name(str(path)):
+        for i, rec in enumerate(_hub_dataset(str(path), key)):
+            yield f"{path}[record {i}]", rec
+        return
     if not p.is_file():
         raise DataError(f"{key}={str(path)!r} does not exist")
     try:
@@ -114,6 +124,33 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
                 yield f"{p}:{lineno}", _json_record(line)
     except OSError as e:
         raise DataError(f"{key}={str(path)!r}: cannot read ({e.strerror or e})") from None
+
+
+def is_hub_name(path: str) -> bool:
+    """``org/name`` or ``name``, with an optional ``:split``: not a path people write for a
+    local file (``./x``, ``/x``, ``~/x``, ``x.jsonl``, ``a/b/c``)."""
+    import re
+
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w\[\]:%+.-]+)?", path) is not None
+            and not path.split(":")[0].endswith((".json", ".jsonl")))
+
+
+def _hub_dataset(path: str, key: str):
+    """The split (``name:split``, default ``train``) of a ``datasets`` hub dataset, from the
+    local cache or downloaded; a failure is one line saying how to use a local copy instead."""
+    import datasets
+
+    name, _, split = path.partition(":")
+    split = split or "train"
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:
+        offline = "offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not in the local cache; " \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(
+            f"{key}={path!r}: not a local file or directory, and the `datasets` hub cannot provide it "
+            f"({offline}{_first_line(e)}); save it where the hub is reachable (`python -c \"import datasets; "
+            f"datasets.load_dataset('{name}', split='{split}').save_to_disk('DIR')\"`) and set {key}=DIR") from None
 
 
 def _json_record(line: str) -> Any:
@@ -216,23 +253,91 @@ def _encodable(v: str, name: str) -> None:
         raise BadRecord(f"{name!r} is not valid Unicode ({bad} at character {e.start + 1})") from None
 
 
-def render_messages(messages: Any, name: str) -> tuple[str, str]:
-    """(prompt, reply) from a message list ending with the assistant's reply, in the
-    ``\\n\\nHuman: ...\\n\\nAssistant: ...`` layout of the common dialogue preference sets."""
+def _messages(messages: Any, name: str) -> list[dict[str, str]]:
+    """The messages with their roles as chat templates name them (user, assistant, system)."""
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"{name!r} is not a non-empty list of messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
         if (not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str)
                 or m["role"] not in _ROLES):
             raise BadRecord(f"{name}[{i}] is not a {{'role': user|assistant|system, 'content': text}} message")
         _encodable(m["content"], f"{name}[{i}].content")
-        lines.append(f"\n\n{_ROLES[m['role']]}: {m['content']}")
-    if _ROLES[messages[-1]["role"]] != "Assistant":
-        raise BadRecord(f"the last message of {name!r} is not the assistant's reply")
-    if not messages[-1]["content"].strip():
-        raise BadRecord(f"empty reply in {name!r}")
-    return "".join(lines[:-1]) + ASSISTANT, " " + messages[-1]["content"]
+        out.append({"role": _TEMPLATE_ROLES[m["role"]], "content": m["content"]})
+    return out
+
+
+class Renderer:
+    """Message lists as text: the tokenizer's chat template (``tokenizer`` set; ``template``
+    overrides its own), or, with no tokenizer, the ``\\n\\nHuman: ...\\n\\nAssistant:`` layout of
+    the common dialogue preference sets. Build it with :func:`renderer`.
+
+    Rendered text never starts with the BOS token when the tokenizer adds one itself (templates
+    often write ``{{ bos_token }}``), so tokenizing it with special tokens gives one BOS, not two."""
+
+    def __init__(self, tokenizer=None, template: Optional[str] = None):
+        self.tokenizer, self.template = tokenizer, template
+        bos = getattr(tokenizer, "bos_token", None)
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        self._bos = bos if adds_bos else None
+
+    def dialogue(self, messages: Any, name: str) -> tuple[str, str]:
+        """(prompt, reply) from a conversation ending with the assistant's reply: the messages
+        before it with the generation prompt, and the reply's text (no end-of-turn token)."""
+        msgs = _messages(messages, name)
+        if msgs[-1]["role"] != "assistant":
+            raise BadRecord(f"the last message of {name!r} is not the assistant's reply")
+        if not msgs[-1]["content"].strip():
+            raise BadRecord(f"empty reply in {name!r}")
+        if self.tokenizer is None:
+            return self._plain(msgs[:-1]), " " + msgs[-1]["content"]
+        return self._apply(msgs[:-1], name), msgs[-1]["content"]
+
+    def prompt(self, messages: Any, name: str) -> str:
+        """A conversation to be answered: all of it, with the generation prompt."""
+        msgs = _messages(messages, name)
+        if msgs[-1]["role"] == "assistant":
+            raise BadRecord(f"the last message of {name!r} is the assistant's; a prompt ends with the user's turn")
+        return self._plain(msgs) if self.tokenizer is None else self._apply(msgs, name)
+
+    @staticmethod
+    def _plain(messages: list[dict]) -> str:
+        return "".join(f"\n\n{_ROLES[m['role']]}: {m['content']}" for m in messages) + ASSISTANT
+
+    def _apply(self, msgs: list[dict[str, str]], name: str) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError (also a template's raise_exception), ValueError
+            raise BadRecord(f"the chat template cannot render {name!r} ({_first_line(e)})") from None
+        if self._bos and text.startswith(self._bos):
+            text = text[len(self._bos):]
+        return text
+
+
+PLAIN = Renderer()
+_SAMPLE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."},
+           {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Well."}]
+
+
+def renderer(cfg: DataConfig, tokenizer) -> Renderer:
+    """How this run renders message lists (``data.chat_template``). A template file that cannot
+    be read or cannot render a short conversation is a ConfigError here, before any actor starts."""
+    choice = cfg.chat_template
+    if choice == "none" or (choice == "auto" and not getattr(tokenizer, "chat_template", None)):
+        return PLAIN
+    if choice == "auto":
+        return Renderer(tokenizer)
+    where = f"data.chat_template={choice!r}"
+    try:
+        r = Renderer(tokenizer, Path(choice).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read the template file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        r.dialogue(_SAMPLE, "a user/assistant sample")
+    except BadRecord as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return r
 
 
 def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -251,10 +356,10 @@ def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 # -- the three shapes -----------------------------------------------------------------------
-def parse_sft(rec: dict) -> dict[str, str]:
+def parse_sft(rec: dict, render: Renderer = PLAIN) -> dict[str, str]:
     """-> {"prompt", "response"}; a ``text``-only record has an empty prompt (loss on all of it)."""
     if "messages" in rec:
-        prompt, response = render_messages(rec["messages"], "messages")
+        prompt, response = render.dialogue(rec["messages"], "messages")
     elif "prompt" in rec:
         prompt = _text(rec, "prompt")
         response = _text(rec, "completion" if "completion" in rec else "response")
@@ -265,14 +370,14 @@ def parse_sft(rec: dict) -> dict[str, str]:
     return {"prompt": prompt, "response": response}
 
 
-def parse_preference(rec: dict) -> dict[str, Any]:
+def parse_preference(rec: dict, render: Renderer = PLAIN) -> dict[str, Any]:
     """-> {"prompt", "chosen", "rejected", "margin"} (margin None when the record has none)."""
     for k in ("chosen", "rejected"):
         if k not in rec:
             raise BadRecord(f"missing key {k!r} (has {sorted(rec)})")
     if isinstance(rec["chosen"], list):
-        prompt, chosen = render_messages(rec["chosen"], "chosen")
-        p2, rejected = render_messages(rec["rejected"], "rejected")
+        prompt, chosen = render.dialogue(rec["chosen"], "chosen")
+        p2, rejected = render.dialogue(rec["rejected"], "rejected")
         if p2 != prompt:
             raise BadRecord("chosen and rejected conversations differ before the last reply")
     elif "prompt" in rec:
@@ -295,8 +400,9 @@ def parse_preference(rec: dict) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
 
 
-def prompt_parser(cfg: DataConfig, report: LoadReport) -> Callable[[dict], Optional[str]]:
-    """A parser for prompt records: ``prompt``, or a classification set's text column (+ label)."""
+def prompt_parser(cfg: DataConfig, report: LoadReport, render: Renderer = PLAIN) -> Callable[[dict], Optional[str]]:
+    """A parser for prompt records: ``prompt`` or ``messages`` (a message list is rendered whole,
+    with the generation prompt), or a classification set's text column (+ label)."""
     keep = None if cfg.keep_labels is None else {str(x) for x in cfg.keep_labels}
 
     def parse(rec: dict) -> Optional[str]:
@@ -304,29 +410,30 @@ def prompt_parser(cfg: DataConfig, report: LoadReport) -> Callable[[dict], Optio
         if name is None:
             raise BadRecord(f"no text column: expected one of {list(TEXT_FIELDS)} or data.text_field "
                             f"(has {sorted(rec)})")
-        text = _text(rec, name).strip()
+        conversation = isinstance(rec.get(name), list)
+        text = render.prompt(rec[name], name) if conversation else _text(rec, name).strip()
         if keep is not None:
             if cfg.label_field not in rec:
                 raise BadRecord(f"missing label key {cfg.label_field!r} (data.keep_labels is set)")
             if str(rec[cfg.label_field]) not in keep:
                 report.filtered["label not in data.keep_labels"] += 1
                 return None
-        if cfg.prompt_words is not None:
+        if cfg.prompt_words is not None and not conversation:  # a first-N-words cut is for plain texts
             text = " ".join(text.split()[: cfg.prompt_words])
         return text
 
     return parse
 
 
-def load_sft(path: str, key: str, on_bad: str, limit: Optional[int] = None):
-    return load(path, key, parse_sft, on_bad, limit)
+def load_sft(path: str, key: str, on_bad: str, limit: Optional[int] = None, render: Renderer = PLAIN):
+    return load(path, key, lambda rec: parse_sft(rec, render), on_bad, limit)
 
 
-def load_preferences(path: str, key: str, on_bad: str, limit: Optional[int] = None):
-    return load(path, key, parse_preference, on_bad, limit)
+def load_preferences(path: str, key: str, on_bad: str, limit: Optional[int] = None, render: Renderer = PLAIN):
+    return load(path, key, lambda rec: parse_preference(rec, render), on_bad, limit)
 
 
 def load_prompts(cfg: DataConfig, path: str, key: str = "data.prompts_path",
-                 limit: Optional[int] = None) -> tuple[list[str], LoadReport]:
+                 limit: Optional[int] = None, render: Renderer = PLAIN) -> tuple[list[str], LoadReport]:
     report = LoadReport(str(path))
-    return load(path, key, prompt_parser(cfg, report), cfg.on_bad_record, limit, report)
+    return load(path, key, prompt_parser(cfg, report, render), cfg.on_bad_record, limit, report)

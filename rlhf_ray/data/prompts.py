@@ -1,35 +1,90 @@
-"""Prompt sets for PPO and the judge: the generated task's prompts, or a file's."""
+"""Prompt sets for PPO and the judge: the generated task's prompts, or a file's; and fitting
+token ids to a length limit (``data.over_long``), which the SFT and reward-model stages share."""
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import DataConfig
+from .loaders import PLAIN, LoadReport, Renderer
 from .task import task_prompts
 
 
 def load_prompt_texts(cfg: DataConfig, path: str | None, *, key: str = "data.prompts_path",
-                      num: int | None = None, split: str = "train") -> list[str]:
+                      num: int | None = None, split: str = "train", render: Renderer = PLAIN) -> list[str]:
     """Prompt texts from ``path`` (``key`` names its config key), or ``num`` generated ones
     from the task's ``split`` of subjects when ``path`` is None."""
-    from .loaders import load_prompts
-
-    num = num or cfg.num_prompts
-    if path is None:
-        return [p.text for p in task_prompts(num, cfg.seed, split)]
-    texts, report = load_prompts(cfg, path, key, limit=num)
+    texts, report = _load_texts(cfg, path, key, num, split, render)
     report.announce(key)
     return texts
 
 
+def _load_texts(cfg: DataConfig, path: str | None, key: str, num: int | None, split: str,
+                render: Renderer) -> tuple[list[str], LoadReport]:
+    from .loaders import load_prompts
+
+    num = num or cfg.num_prompts
+    if path is None:
+        texts = [p.text for p in task_prompts(num, cfg.seed, split)]
+        return texts, LoadReport("generated task", read=len(texts), kept=len(texts))
+    return load_prompts(cfg, path, key, limit=num, render=render)
+
+
+def prompt_set(cfg: DataConfig, path: str | None, tokenizer, *, key: str = "data.prompts_path",
+               num: int | None = None, split: str = "train", max_new_tokens: int,
+               max_model_len: int) -> tuple[list[str], list[list[int]]]:
+    """PPO's prompts: texts (message lists rendered per ``data.chat_template``) and their token
+    ids, fitted to ``data.max_prompt_tokens`` per ``data.over_long``; what was cut or left out
+    is announced under ``key``."""
+    from .loaders import renderer
+
+    texts, report = _load_texts(cfg, path, key, num, split, renderer(cfg, tokenizer))
+    texts, ids = tokenize_prompts(texts, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
+                                  max_new_tokens=max_new_tokens, max_model_len=max_model_len,
+                                  source=path or f"generated {split} prompts", over_long=cfg.over_long,
+                                  report=report)
+    report.announce(key)
+    return texts, ids
+
+
+def cut_left(ids: list[int], room: int, bos_id: Optional[int]) -> Optional[list[int]]:
+    """``ids`` in at most ``room`` tokens, its oldest tokens dropped (a leading ``bos_id`` kept
+    in front); None when that leaves no token besides the BOS."""
+    if len(ids) <= room:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+    keep = room - len(head)
+    return head + ids[len(ids) - keep:] if keep >= 1 else None
+
+
 def tokenize_prompts(texts: list[str], tokenizer, *, max_prompt_tokens: int, max_new_tokens: int,
-                     max_model_len: int, source: str) -> list[list[int]]:
-    """Token ids per prompt; raises a ValueError naming the first offending prompt."""
+                     max_model_len: int, source: str, over_long: str,
+                     report: Optional[LoadReport] = None) -> tuple[list[str], list[list[int]]]:
+    """(texts, token ids) of the prompts. Longer than ``max_prompt_tokens``: ``truncate`` keeps
+    the newest tokens (the text becomes what is left, so the reward model reads what the policy
+    read), ``drop`` leaves the prompt out; either is counted in ``report``. A prompt that does not
+    fit the model's context with ``max_new_tokens`` is a ValueError naming it."""
     if not texts:
         raise ValueError(f"{source}: the prompt set is empty")
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-    for i, p in enumerate(ids):
+    report = report or LoadReport(source)
+    out_texts, out_ids = [], []
+    for i, text in enumerate(texts):
+        p = tokenizer(text)["input_ids"]
         if len(p) > max_prompt_tokens:
-            raise ValueError(f"{source}: prompt {i} has {len(p)} tokens, more than "
-                             f"data.max_prompt_tokens={max_prompt_tokens}: {texts[i][:60]!r}")
+            what = f"prompts over data.max_prompt_tokens={max_prompt_tokens}"
+            cut = cut_left(p, max_prompt_tokens, tokenizer.bos_token_id) if over_long == "truncate" else None
+            if cut is None:
+                report.filtered[f"{what}, left out"] += 1
+                report.kept -= 1
+                continue
+            report.filtered[f"{what}, cut from the left"] += 1
+            head = 1 if cut[:1] == [tokenizer.bos_token_id] else 0
+            p, text = cut, tokenizer.decode(cut[head:])
         if len(p) + max_new_tokens > max_model_len:
             raise ValueError(f"{source}: prompt {i} ({len(p)} tokens) + rollout.max_new_tokens="
                              f"{max_new_tokens} exceeds the model context of {max_model_len} tokens")
-    return ids
+        out_texts.append(text)
+        out_ids.append(p)
+    if not out_ids:
+        raise ValueError(f"{source}: every prompt is longer than data.max_prompt_tokens={max_prompt_tokens} "
+                         f"(data.over_long={over_long}; {report.summary()})")
+    return out_texts, out_ids

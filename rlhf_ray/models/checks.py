@@ -19,12 +19,15 @@ def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.p
                  head: str = "causal_lm", reward_path: str | None = None,
                  outputs: Sequence[tuple[str, str | Path]] = ()) -> None:
     """Raise :class:`ConfigError` if ``output.dir`` (or another ``(key, dir)`` of ``outputs``)
-    is not writable, ``tokenizer`` has more tokens than ``model_path``'s embedding has rows,
+    is not writable, a tracker of ``output.trackers`` is not installed, ``tokenizer`` has more tokens than ``model_path``'s embedding has rows,
     or (``lora``) a ``lora.target_modules`` entry matches no linear layer of the model with
     ``head`` (``causal_lm`` or ``seq_cls``). ``key`` is the setting that chose ``model_path``.
     ``reward_path`` (a reward model directory; ``rule:...`` skipped) is checked against its own
     tokenizer: the reward role reads the policy's decoded text and tokenizes it again."""
     check_writable("output.dir", cfg.output.dir)
+    from ..tracking import check_trackers
+
+    check_trackers(cfg.output.trackers)
     for out_key, path in outputs:
         check_writable(out_key, path)
     config = model_config(model_path, key)

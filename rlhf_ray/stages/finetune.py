@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -15,12 +17,15 @@ import torch
 
 from ..config import Config
 
+log = logging.getLogger(__name__)
+
 
 def train_epochs(model, params: Sequence[torch.nn.Parameter], examples: list, *, batch_size: int, epochs: int,
                  lr: float, seed: int, loss_fn: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
                  count_fn: Callable[[list], int], desc: str, progress: bool, device: torch.device,
                  max_grad_norm: float = 1.0, rank: int = 0, world: int = 1,
-                 micro_batch_size: Optional[int] = None) -> list[dict[str, float]]:
+                 micro_batch_size: Optional[int] = None,
+                 on_step: Optional[Callable[[dict[str, float], int], None]] = None) -> list[dict[str, float]]:
     """Minibatch training of ``model`` (the DDP wrapper under several ranks).
 
     ``loss_fn(rows) -> (loss summed over the rows' units, {stat: sum})`` and ``count_fn(rows)``
@@ -31,7 +36,8 @@ def train_epochs(model, params: Sequence[torch.nn.Parameter], examples: list, *,
     batch's per-unit mean whatever the layout. Gradients are all-reduced once per step (the
     other micro-batches run under ``no_sync``), so ranks holding different numbers of rows stay
     in step; a batch with fewer rows than ranks is skipped on every rank. Returns per-step
-    means over the whole batch (``loss`` and each stat)."""
+    means over the whole batch (``loss`` and each stat) and the step's ``lr``; ``on_step(means,
+    step)`` is called with each (steps count from 1)."""
     from tqdm import tqdm
 
     from ..devices import all_sum
@@ -68,10 +74,14 @@ def train_epochs(model, params: Sequence[torch.nn.Parameter], examples: list, *,
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + v
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            lr_now = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             history.append(dict(zip(sums, (v / max(units, 1) for v in all_sum(list(sums.values()), device)))))
+            history[-1]["lr"] = lr_now
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            if on_step is not None:
+                on_step(history[-1], len(history))
     bar.close()
     return history
 
@@ -94,11 +104,13 @@ def run_on_workers(cfg: Config, stage: str, fn: Callable[[dict], None], config: 
     from ray.train.torch import TorchTrainer
 
     from ..launch import RoleFailed, connect, preflight, stage_requests, torch_config
+    from ..logs import link_ray_logs
 
     sc = getattr(cfg, stage)
     how = connect(cfg)
     if how != "already connected":
-        print(f"ray: {how}")
+        log.info("ray: %s", how)
+    link_ray_logs(cfg.output.run_dir.resolve())
     preflight(cfg, stage_requests(stage, sc))
     trainer = TorchTrainer(
         fn, train_loop_config=config,
@@ -134,14 +146,68 @@ def eval_chunks(rows: list, chunk: int, rank: int, world: int) -> list[list]:
     return [mine[i:i + chunk] for i in range(0, len(mine), chunk)]
 
 
+def metrics_path(run_dir: Path, stage: str) -> Path:
+    """The stage's jsonl tracker file: one record per optimizer step (and the held-out figures)."""
+    return run_dir / f"{stage}_metrics.jsonl"
+
+
+def stage_trackers(config: dict, stage: str):
+    """Rank 0's trackers for a stage (called on the worker): the figures are logged live from
+    where they are made, into the run directory every node sees, with the driver's tracker
+    settings (WANDB_*, MLFLOW_*) that a cluster's workers would not inherit."""
+    from ..tracking import Trackers
+
+    os.environ.update(config["tracker_env"])
+    run_dir = Path(config["run_dir"])
+    return Trackers(config["cfg"], stage, run_dir, jsonl=metrics_path(run_dir, stage))
+
+
+def _follow(path: Path, total: int, desc: str, done: threading.Event) -> None:
+    """The driver's progress bar for a stage: rank 0's jsonl lines, as they are written."""
+    from tqdm import tqdm
+
+    bar, seen = tqdm(total=total, desc=desc, unit="step"), 0
+    while True:
+        finished = done.wait(0.5)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines[seen:]:
+            rec = json.loads(line)
+            if "loss" in rec:
+                bar.n = min(total, rec["step"])
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        seen = len(lines)
+        if finished:
+            break
+    bar.close()
+
+
 def train_stage(cfg: Config, stage: str, fn: Callable[[dict], None], summary: dict[str, Any], clock: "Clock",
                 config: dict) -> dict[str, Any]:
     """Run a stage's worker ``fn`` (``config`` plus the driver's ``summary``, whose ``output``
     is the model directory) and return what rank 0 wrote beside the model it saved, timed and
-    stored as ``<run>/<stage>.json``."""
+    stored as ``<run>/<stage>.json``. With ``config["progress"]`` the driver shows a bar of
+    the training steps (the workers' own output goes to ``<run>/logs``)."""
+    from ..logs import log_dir
+    from ..tracking import ENV_PREFIXES
+
     path = Path(summary["output"]) / "stage.json"
     path.unlink(missing_ok=True)  # what the workers write is what is read back
-    run_on_workers(cfg, stage, fn, {**config, "summary": summary})
+    run_dir = cfg.output.run_dir.resolve()
+    metrics_path(run_dir, stage).unlink(missing_ok=True)
+    sc = getattr(cfg, stage)
+    total = -(-len(config["train"]) // sc.batch_size) * sc.epochs
+    done = threading.Event()
+    follower = threading.Thread(target=_follow, args=(metrics_path(run_dir, stage), total, stage, done), daemon=True)
+    if config.get("progress", True):
+        follower.start()
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    try:
+        run_on_workers(cfg, stage, fn, {**config, "summary": summary, "progress": False, "run_dir": str(run_dir),
+                                        "log_dir": str(log_dir(run_dir)), "tracker_env": env})
+    finally:
+        done.set()
+        if follower.is_alive():
+            follower.join()
     if not path.is_file():
         raise FileNotFoundError(f"{stage}: rank 0 saved the model on its node, but {path} is not visible here; "
                                 "on more than one node output.dir must be storage every node sees (NFS)")

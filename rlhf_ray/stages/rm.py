@@ -14,8 +14,9 @@ import torch
 from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, train_epochs,
-                       train_stage, worker_threads)
+from ..logs import redirect_output
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+                       train_epochs, train_stage, worker_threads)
 from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
@@ -160,6 +161,7 @@ def _rm_worker(config: dict) -> None:
     rc = cfg.rm
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    redirect_output(f"rm-rank{rank}", config["log_dir"])
     worker_threads()
     device = train_device("rm", rc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(rc.seed)
@@ -178,15 +180,24 @@ def _rm_worker(config: dict) -> None:
     pad = tokenizer.pad_token_id
     chunk = rc.micro_batch_size or rc.batch_size
     before = evaluate_pairs(model, held, pad, chunk, device, rank, world)
-    model.train()
-    ddp = prepare_for_training(model, rc.gradient_checkpointing, world)
-    history = train_epochs(ddp, params, train, batch_size=rc.batch_size, epochs=rc.epochs, lr=rc.lr, seed=rc.seed,
-                           loss_fn=lambda b: _pair_loss_sum(ddp, b, pad, device), count_fn=len, desc="train-rm",
-                           progress=config["progress"], device=device, rank=rank, world=world,
-                           micro_batch_size=rc.micro_batch_size)
-    if rc.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    after = evaluate_pairs(model, held, pad, chunk, device, rank, world)
+    trackers = stage_trackers(config, "rm") if rank == 0 else None
+    try:
+        if trackers:
+            trackers.log({"heldout": before}, 0)
+        model.train()
+        ddp = prepare_for_training(model, rc.gradient_checkpointing, world)
+        history = train_epochs(ddp, params, train, batch_size=rc.batch_size, epochs=rc.epochs, lr=rc.lr,
+                               seed=rc.seed, loss_fn=lambda b: _pair_loss_sum(ddp, b, pad, device), count_fn=len,
+                               desc="train-rm", progress=config["progress"], device=device, rank=rank, world=world,
+                               micro_batch_size=rc.micro_batch_size, on_step=trackers.log if trackers else None)
+        if rc.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        after = evaluate_pairs(model, held, pad, chunk, device, rank, world)
+        if trackers:
+            trackers.log({"heldout": after}, len(history))
+    finally:
+        if trackers:
+            trackers.close()
     # A sample is enough for a mean and a std; all pairs of a large set would be hours on 7B.
     scale = reward_scale(model, random.Random(rc.seed).sample(train, min(len(train), SCALE_PAIRS)), pad, chunk,
                          device, rank, world)

@@ -11,8 +11,9 @@ import torch
 
 from ..config import Config
 from ..data.loaders import LoadReport
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, train_epochs,
-                       train_stage, worker_threads)
+from ..logs import redirect_output
+from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+                       train_epochs, train_stage, worker_threads)
 from . import sft_dir
 
 
@@ -109,6 +110,7 @@ def _sft_worker(config: dict) -> None:
     sc = cfg.sft
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    redirect_output(f"sft-rank{rank}", config["log_dir"])
     worker_threads()
     device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(sc.seed)
@@ -120,14 +122,24 @@ def _sft_worker(config: dict) -> None:
     pad = load_tokenizer(base).pad_token_id
     chunk = sc.micro_batch_size or sc.batch_size
     before = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
-    ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
-    history = train_epochs(ddp, params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr, seed=sc.seed,
-                           loss_fn=lambda b: (_lm_loss_sum(ddp, b, pad, device), {}), count_fn=_tokens, desc="sft",
-                           progress=config["progress"], device=device, rank=rank, world=world,
-                           micro_batch_size=sc.micro_batch_size)
-    if sc.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+    trackers = stage_trackers(config, "sft") if rank == 0 else None
+    try:
+        if trackers and before is not None:
+            trackers.log({"heldout_loss": before}, 0)
+        ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
+        history = train_epochs(ddp, params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr,
+                               seed=sc.seed, loss_fn=lambda b: (_lm_loss_sum(ddp, b, pad, device), {}),
+                               count_fn=_tokens, desc="sft", progress=config["progress"], device=device, rank=rank,
+                               world=world, micro_batch_size=sc.micro_batch_size,
+                               on_step=trackers.log if trackers else None)
+        if sc.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+        if trackers and after is not None:
+            trackers.log({"heldout_loss": after}, len(history))
+    finally:
+        if trackers:
+            trackers.close()
     if rank != 0:
         return
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
