@@ -43,22 +43,25 @@ def _cmd_generate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
+    from .report import heldout_note
     from .stages.sft import run_sft
 
     s = run_sft(cfg)
-    print(f"sft: {s['train_examples']} examples, {s['steps']} steps, held-out loss "
-          f"{s['heldout_loss_before']} -> {s['heldout_loss_after']}; {s['time_s']:.1f}s\nmodel: {s['output']}")
+    print(f"sft: {s['train_examples']} examples, {s['steps']} steps, held-out loss {s['heldout_loss_before']} -> "
+          f"{s['heldout_loss_after']}{heldout_note(s['heldout_examples'], 'examples')}; {s['time_s']:.1f}s\n"
+          f"model: {s['output']}")
     return 0
 
 
 def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
+    from .report import heldout_note
     from .stages.rm import run_train_rm
 
     s = run_train_rm(cfg)
     b, a = s["heldout_before"], s["heldout_after"]
     print(f"train-rm: {s['train_pairs']} pairs, {s['steps']} steps; held-out pair accuracy {b['accuracy']:.3f} -> "
-          f"{a['accuracy']:.3f}, reward gap {b['reward_gap']:.3f} -> {a['reward_gap']:.3f} over {a['pairs']} pairs; "
-          f"{s['time_s']:.1f}s\nmodel: {s['output']}")
+          f"{a['accuracy']:.3f}, reward gap {b['reward_gap']:.3f} -> {a['reward_gap']:.3f} over {a['pairs']} pairs"
+          f"{heldout_note(a['pairs'], 'pairs')}; {s['time_s']:.1f}s\nmodel: {s['output']}")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 RM_ACCURACY_TARGET = 0.90
 JUDGE_GAIN_TARGET_PP = 25.0
 PIPELINE_TIME_TARGET_S = 600.0
+SMALL_HELDOUT = 50  # held-out pairs/examples/prompts below which a held-out figure says little
 
 PLOTS = {  # file name -> (title, how to read it off a metrics.jsonl record)
     "reward": ("reward-model score (mean per step)", lambda r: r["reward_mean"]),
@@ -59,13 +60,23 @@ def write_plots(records: list[dict], out_dir: Path, kl_target: Optional[float] =
     return paths
 
 
+def heldout_note(n: Optional[int], what: str) -> str:
+    """What to print beside a held-out figure measured over ``n`` ``what`` (pairs, examples,
+    prompts): a warning when they are too few to mean much, else nothing (also when unknown, or
+    none: then there is no figure)."""
+    if not n or n >= SMALL_HELDOUT:
+        return ""
+    return f" (only {n} held-out {what}: too few to mean much)"
+
+
 def targets(sft: Optional[dict], rm: Optional[dict], ppo: Optional[dict],
             pipeline: Optional[dict]) -> list[dict[str, Any]]:
     """One row per target of the default run: what, value, goal, met (None = not measured)."""
     rows = []
     if rm:
         acc = rm["heldout_after"]["accuracy"]
-        rows.append({"target": "reward model: held-out pair accuracy", "value": f"{acc:.3f}",
+        rows.append({"target": "reward model: held-out pair accuracy",
+                     "value": f"{acc:.3f}" + heldout_note(rm["heldout_after"].get("pairs"), "pairs"),
                      "goal": f">= {RM_ACCURACY_TARGET:.2f}", "met": acc >= RM_ACCURACY_TARGET})
     ev = (ppo or {}).get("eval", {})
     before, after = ev.get("before"), ev.get("after")
@@ -73,7 +84,7 @@ def targets(sft: Optional[dict], rm: Optional[dict], ppo: Optional[dict],
         gain = 100 * (after["judge_score"] - before["judge_score"])
         rows.append({"target": f"judge ({after['judge']}) on held-out prompts, after - before PPO",
                      "value": f"{gain:+.1f} pp ({100 * before['judge_score']:.1f}% -> "
-                              f"{100 * after['judge_score']:.1f}%)",
+                              f"{100 * after['judge_score']:.1f}%)" + heldout_note(after.get("prompts"), "prompts"),
                      "goal": f">= +{JUDGE_GAIN_TARGET_PP:.0f} pp", "met": gain >= JUDGE_GAIN_TARGET_PP})
     if after:
         kl_target = ppo.get("kl_target")
@@ -130,13 +141,15 @@ def render(run_dir: Path, name: str) -> str:
     if sft:
         stage_rows.append(["SFT", f"{sft['time_s']:.1f}",
                            f"{sft['mode']}, {sft['train_examples']} examples, {sft['steps']} steps; held-out loss "
-                           f"{sft['heldout_loss_before'] or float('nan'):.3f} -> {sft['heldout_loss_after'] or float('nan'):.3f}"])
+                           f"{sft['heldout_loss_before'] or float('nan'):.3f} -> {sft['heldout_loss_after'] or float('nan'):.3f}"
+                           f"{heldout_note(sft.get('heldout_examples'), 'examples')}"])
     if rm:
         b, a = rm["heldout_before"], rm["heldout_after"]
         stage_rows.append(["reward model", f"{rm['time_s']:.1f}",
                            f"{rm['mode']}, {rm['train_pairs']} pairs, {rm['steps']} steps, margin "
                            f"{'on' if rm['use_margin'] else 'off'}; held-out accuracy {b['accuracy']:.3f} -> "
-                           f"{a['accuracy']:.3f}, reward gap {a['reward_gap']:.2f} (raw scale)"])
+                           f"{a['accuracy']:.3f}{heldout_note(a.get('pairs'), 'pairs')}, reward gap "
+                           f"{a['reward_gap']:.2f} (raw scale)"])
     if ppo:
         stage_rows.append(["PPO", f"{ppo.get('time_s', float('nan')):.1f}",
                            f"{ppo['steps']} steps, {ppo['rollout_actors']} vLLM rollout actors, "
@@ -148,9 +161,12 @@ def render(run_dir: Path, name: str) -> str:
                            f"(ppo.truncated={ppo.get('truncated', '?')}); adapter {ppo.get('adapter')}"])
     out += [_table(["stage", "time (s)", "figures"], stage_rows), ""]
     if ppo and ppo.get("eval"):
+        e = ppo["eval"].get("after") or ppo["eval"].get("before") or {}
+        note = heldout_note(e.get("prompts"), "prompts")
         out += ["## Held-out evaluation", "",
                 "The judge is rule-based (the task's target property), independent of the reward model. "
-                "KL is the mean over samples of sum(log pi - log pi_ref) over the response.", "",
+                "KL is the mean over samples of sum(log pi - log pi_ref) over the response."
+                + (f" Judge figures{note}." if note else ""), "",
                 _table(["when", "adapter", "samples", "judge", "in-vocabulary", "RM reward", "KL/seq",
                         "tokens/response", "cut at limit"], _eval_rows(ppo["eval"])), ""]
         for key in ("before", "after"):

@@ -75,7 +75,7 @@ class BadSteps:
 class PPOTrainer:
     def __init__(self, cfg: Config, *, progress: bool = True, resume: Optional[Path] = None):
         """``resume``: a run or checkpoint directory to continue from (see ``checkpoint.py``)."""
-        from .data.prompts import load_prompt_texts
+        from .data.prompts import prompt_set
         from .data.task import JUDGES
         from .models import load_tokenizer
         from .models.checks import check_inputs, check_writable
@@ -98,12 +98,13 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(self.model_path)
         check_inputs(cfg, self.model_path, self.tokenizer, key="ppo.base", reward_path=self.reward_path)
         self._context = min(self.tokenizer.model_max_length, _context_length(self.model_path))
-        self.prompt_texts = load_prompt_texts(cfg.data, cfg.data.prompts_path)
-        self.prompt_ids = self._tokenize(self.prompt_texts, cfg.data.prompts_path or "generated prompts")
+        # Rendered with data.chat_template, fitted to data.max_prompt_tokens (data.over_long).
+        lengths = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_model_len": self._context}
+        self.prompt_texts, self.prompt_ids = prompt_set(cfg.data, cfg.data.prompts_path, self.tokenizer, **lengths)
         self.judge = JUDGES.get(cfg.eval.judge)
-        self.eval_texts = load_prompt_texts(cfg.data, cfg.eval.prompts_path, key="eval.prompts_path",
-                                            num=cfg.eval.num_prompts, split="heldout")
-        self.eval_ids = self._tokenize(self.eval_texts, cfg.eval.prompts_path or "generated held-out prompts")
+        self.eval_texts, self.eval_ids = prompt_set(cfg.data, cfg.eval.prompts_path, self.tokenizer,
+                                                    key="eval.prompts_path", num=cfg.eval.num_prompts,
+                                                    split="heldout", **lengths)
         # The engines hold KV cache for the longest sequence this run can make, not the model's context.
         self.max_model_len = max(len(p) for p in self.prompt_ids + self.eval_ids) + cfg.rollout.max_new_tokens
         self.fingerprint = fingerprint(cfg, self.model_path)
@@ -213,13 +214,6 @@ class PPOTrainer:
     def latest_adapter(self):
         """The object-store ref of the adapter every generator serves (the fleet's)."""
         return self.fleet.latest_adapter
-
-    def _tokenize(self, texts: list[str], source: str) -> list[list[int]]:
-        from .data.prompts import tokenize_prompts
-
-        return tokenize_prompts(texts, self.tokenizer, max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-                                max_new_tokens=self.cfg.rollout.max_new_tokens, max_model_len=self._context,
-                                source=source)
 
     def add_rollout_actor(self) -> str:
         return self.fleet.add()

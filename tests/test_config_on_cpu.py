@@ -67,6 +67,10 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("ppo.tis_cap=0", "ppo.tis_cap"),
     ("ppo.tis_level=batch", "ppo.tis_level"),
     ("rollout.allocator=jemalloc", "rollout.allocator"),
+    ("data.chat_template=Auto", "data.chat_template"),  # a path that is a case-slip of auto
+    ("data.chat_template=' chat.jinja'", "data.chat_template"),
+    ("data.chat_template=''", "data.chat_template"),
+    ("data.over_long=cut", "data.over_long"),
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -85,6 +89,14 @@ def test_unknown_key_and_wrong_type(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [override])
     assert key in str(err.value) and str(TINY) in str(err.value)
+
+
+def test_chat_template_and_over_long_keys():
+    data = load_config().data
+    assert (data.chat_template, data.over_long) == ("auto", "truncate")
+    for value in ("none", "auto", "templates/chat.jinja", "~/chat.j2"):  # the file is read by the stages
+        assert load_config(TINY, [f"data.chat_template={value}"]).data.chat_template == value
+    assert load_config(TINY, ["data.over_long=drop"]).data.over_long == "drop"
 
 
 def test_bad_files(tmp_path):

@@ -139,4 +139,25 @@ def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_d
     report = (run / "report.md").read_text()
     assert "reward model: held-out pair accuracy" in report and "whole pipeline wall time" in report
     assert len(list((run / "plots").glob("*.png"))) == 5
-    assert "reward model: held-out pair accuracy" in logs  # the targets table ends the output
+    assert "reward model: held-out pair accuracy" in logs
+    # The roles' own output is in the run directory, so the tables end the job's output.
+    assert logs.rstrip().splitlines()[-1].startswith("tensorboard --logdir"), logs[-3000:]
+    assert "(RolloutGenerator pid=" not in logs and "(RayTrainWorker pid=" not in logs
+    assert "vllm" in (run / "logs" / "rollout-0.log").read_text().lower()
+    assert (run / "logs" / "sft-rank0.log").is_file() and (run / "logs" / "rm-rank0.log").is_file()
+    # Every stage's figures in TensorBoard, as its jsonl file has them.
+    from test_tracking_on_cpu import _tensorboard_scalars
+
+    for stage, jsonl in (("sft", "sft_metrics.jsonl"), ("rm", "rm_metrics.jsonl"), ("ppo", "metrics.jsonl")):
+        lines = [json.loads(x) for x in (run / jsonl).read_text().splitlines()]
+        tb, _ = _tensorboard_scalars(run / "tensorboard" / stage)
+        steps = [x for x in lines if "loss" in x] if stage != "ppo" else lines
+        key = {"sft": "loss", "rm": "loss", "ppo": "reward_mean"}[stage]
+        assert [v for _, v in tb[f"{stage}/{key}"]] == pytest.approx([x[key] for x in steps], rel=1e-6), stage
+    assert "rm/heldout/accuracy" in tb_keys(run / "tensorboard" / "rm")
+
+
+def tb_keys(log_dir):
+    from test_tracking_on_cpu import _tensorboard_scalars
+
+    return set(_tensorboard_scalars(log_dir)[0])

@@ -74,6 +74,48 @@ def test_metrics_file_has_stages_throughput_and_memory(trainer, records):
     assert all(k in rec["learner"] for k in ("policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"))
 
 
+def test_trackers_and_the_ray_dashboard_get_the_step_figures(trainer, records):
+    """TensorBoard (on by default) holds each step's figures as metrics.jsonl has them, the
+    held-out evaluation under eval/, and the driver's gauges reach the node's Prometheus endpoint."""
+    import time
+    import urllib.request
+
+    from test_tracking_on_cpu import _tensorboard_scalars
+
+    tb, _ = _tensorboard_scalars(trainer.run_dir / "tensorboard" / "ppo")
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward_mean", "kl_per_seq", "samples_per_s", "logprob_gap"):
+        assert [s for s, _ in tb[f"ppo/{key}"]][-len(lines):] == [r["step"] for r in lines], key
+        assert [v for _, v in tb[f"ppo/{key}"]][-len(lines):] == pytest.approx([r[key] for r in lines], rel=1e-6)
+    assert tb["ppo/time_s/generate"][-1][1] == pytest.approx(lines[-1]["time_s"]["generate"], rel=1e-6)
+    judge = dict(tb["eval/judge_score"])
+    assert judge[0] == pytest.approx(trainer.evals["before"]["judge_score"])
+    assert judge[len(records)] == pytest.approx(trainer.evals["after"]["judge_score"])
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    want = f'run="{trainer.cfg.output.name}"'
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray exports on an interval (seconds)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = [line for line in text.splitlines() if line.startswith("ray_rlhf_adapter_version") and want in line]
+        if found and float(found[0].rsplit(" ", 1)[1]) == trainer.version:
+            break
+        time.sleep(3)
+    else:
+        raise AssertionError("ray_rlhf_adapter_version not exported: "
+                             + "\n".join(x for x in text.splitlines() if "rlhf" in x)[:2000])
+    assert any(line.startswith("ray_rlhf_samples_per_s") and want in line for line in text.splitlines())
+
+
+def test_every_role_writes_its_output_to_the_run_directory(trainer, records):
+    """Engines, reward and learner ranks log to <run>/logs, not to the driver's screen."""
+    logs = trainer.run_dir / "logs"
+    for name in ("rollout-0", "rollout-1", "reward", "learner-rank0", "learner-rank1"):
+        assert (logs / f"{name}.log").is_file(), sorted(p.name for p in logs.iterdir())
+    assert "vllm" in (logs / "rollout-0.log").read_text().lower()  # the engine's own messages
+    assert (logs / "ray").is_symlink() and any((logs / "ray").glob("raylet*"))
+
+
 def test_startup_is_broken_down_and_engines_run_in_process(trainer):
     from rlhf_ray.actors.engine import tcmalloc_path
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,23 +83,11 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record; ``where`` is ``file:line`` or ``dir[record i]``.
     A line that is not JSON comes back as a :class:`BadRecord` in place of the record."""
     p = Path(path)
-    if p.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:
-            raise DataError(f"{key}={str(path)!r}: not a `datasets` directory saved with save_to_disk ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if not ds:
-                raise DataError(f"{key}={str(path)!r}: the `datasets` directory holds no splits")
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if p.is_dir() or (not p.is_file() and is_hub_name(str(path))):
+        # A `datasets` directory, or a hub dataset: the same records either way.
+        ds = _saved_dataset(p, key) if p.is_dir() else _hub_dataset(str(path), key)
         for i, rec in enumerate(ds):
-            yield f"{p}[record {i}]", rec
-        return
-    if not p.is_file() and is_hub_name(str(path)):
-        for i, rec in enumerate(_hub_dataset(str(path), key)):
-            yield f"{path}[record {i}]", rec
+            yield f"{p if p.is_dir() else path}[record {i}]", rec
         return
     if not p.is_file():
         raise DataError(f"{key}={str(path)!r} does not exist")
@@ -126,11 +115,24 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{key}={str(path)!r}: cannot read ({e.strerror or e})") from None
 
 
+def _saved_dataset(p: Path, key: str):
+    """The ``train`` split (or the only one) of a directory written by ``save_to_disk``."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(f"{key}={str(p)!r}: not a `datasets` directory saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if not ds:
+            raise DataError(f"{key}={str(p)!r}: the `datasets` directory holds no splits")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds
+
+
 def is_hub_name(path: str) -> bool:
     """``org/name`` or ``name``, with an optional ``:split``: not a path people write for a
     local file (``./x``, ``/x``, ``~/x``, ``x.jsonl``, ``a/b/c``)."""
-    import re
-
     return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w\[\]:%+.-]+)?", path) is not None
             and not path.split(":")[0].endswith((".json", ".jsonl")))
 
@@ -144,13 +146,13 @@ def _hub_dataset(path: str, key: str):
     split = split or "train"
     try:
         return datasets.load_dataset(name, split=split)
-    except Exception as e:
-        offline = "offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is not in the local cache; " \
-            if datasets.config.HF_HUB_OFFLINE else ""
+    except Exception as e:  # not found, offline, gated, a bad split: one line for all of them
+        why = ("offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set, and it is not in the local cache"
+               if datasets.config.HF_HUB_OFFLINE else _first_line(e))
         raise DataError(
-            f"{key}={path!r}: not a local file or directory, and the `datasets` hub cannot provide it "
-            f"({offline}{_first_line(e)}); save it where the hub is reachable (`python -c \"import datasets; "
-            f"datasets.load_dataset('{name}', split='{split}').save_to_disk('DIR')\"`) and set {key}=DIR") from None
+            f"{key}={path!r}: not a local file or directory, and the `datasets` hub cannot provide it ({why}); "
+            f"save it where the hub is reachable (`python -c \"import datasets; datasets.load_dataset('{name}', "
+            f"split='{split}').save_to_disk('DIR')\"`) and set {key}=DIR") from None
 
 
 def _json_record(line: str) -> Any:

@@ -29,7 +29,33 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     looks_local = cfg.path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p.expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json in that directory")
-    return str(p.expanduser().resolve()) if looks_local else cfg.path
+    if looks_local:
+        return str(p.expanduser().resolve())
+    check_hub_model(cfg.path, "model.path")
+    return cfg.path  # a hub id still: each node loads it from its own cache
+
+
+def check_hub_model(name: str, key: str) -> None:
+    """Raise a one-line FileNotFoundError unless the hub model ``name`` has its config.json in the
+    local Hugging Face cache or downloadable (the weights come later, on each node)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        huggingface_hub.hf_hub_download(name, "config.json")
+        return
+    except GatedRepoError:
+        why = "gated: accept its licence on the hub and log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        why = "no such repository, or a private one"
+    except LocalEntryNotFoundError:
+        why = ("offline: HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE
+               else "the hub cannot be reached") + ", and config.json is not in the local cache"
+    except Exception as e:  # an invalid repo id (HFValidationError), a network or HTTP error
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise FileNotFoundError(
+        f"{key}={name!r}: not a local directory, and the Hugging Face hub cannot provide it ({why}); download "
+        f"it where the hub is reachable (`hf download {name} --local-dir DIR`) and set {key}=DIR")
 
 
 def load_tokenizer(path: str):

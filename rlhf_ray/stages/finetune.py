@@ -109,7 +109,7 @@ def run_on_workers(cfg: Config, stage: str, fn: Callable[[dict], None], config: 
     sc = getattr(cfg, stage)
     how = connect(cfg)
     if how != "already connected":
-        log.info("ray: %s", how)
+        log.info("%s", how)
     link_ray_logs(cfg.output.run_dir.resolve())
     preflight(cfg, stage_requests(stage, sc))
     trainer = TorchTrainer(
@@ -166,10 +166,12 @@ def _follow(path: Path, total: int, desc: str, done: threading.Event) -> None:
     """The driver's progress bar for a stage: rank 0's jsonl lines, as they are written."""
     from tqdm import tqdm
 
-    bar, seen = tqdm(total=total, desc=desc, unit="step"), 0
+    bar, seen = None, 0
     while True:
         finished = done.wait(0.5)
         lines = path.read_text().splitlines() if path.is_file() else []
+        if bar is None and lines:  # from rank 0's first record: Ray's start-up is not a training step
+            bar = tqdm(total=total, desc=desc, unit="step")
         for line in lines[seen:]:
             rec = json.loads(line)
             if "loss" in rec:
@@ -178,7 +180,8 @@ def _follow(path: Path, total: int, desc: str, done: threading.Event) -> None:
         seen = len(lines)
         if finished:
             break
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 def train_stage(cfg: Config, stage: str, fn: Callable[[dict], None], summary: dict[str, Any], clock: "Clock",

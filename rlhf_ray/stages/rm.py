@@ -13,7 +13,7 @@ import torch
 
 from ..algo import pairwise_reward_loss
 from ..config import Config
-from ..data.loaders import LoadReport
+from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..logs import redirect_output
 from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
@@ -30,8 +30,9 @@ def reward_text(prompt: str, response: str) -> str:
     return prompt + response
 
 
-def preference_data(cfg: Config) -> tuple[list[dict], list[dict], list[LoadReport]]:
-    """(train pairs, held-out pairs, load reports)."""
+def preference_data(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict], list[dict], list[LoadReport]]:
+    """(train pairs, held-out pairs, load reports); message lists rendered by ``render``
+    (``data.chat_template``, as PPO renders its prompts, so the reward model reads what it will score)."""
     rc = cfg.rm
     if rc.data_path is None:
         from ..data.task import preference_pairs
@@ -42,9 +43,10 @@ def preference_data(cfg: Config) -> tuple[list[dict], list[dict], list[LoadRepor
         return train, held, [LoadReport("generated task", read=len(train) + len(held), kept=len(train) + len(held))]
     from ..data.loaders import load_preferences
 
-    pairs, report = load_preferences(rc.data_path, "rm.data_path", cfg.data.on_bad_record, limit=rc.num_pairs)
+    pairs, report = load_preferences(rc.data_path, "rm.data_path", cfg.data.on_bad_record, limit=rc.num_pairs,
+                                     render=render)
     if rc.eval_path is not None:
-        held, eval_report = load_preferences(rc.eval_path, "rm.eval_path", cfg.data.on_bad_record)
+        held, eval_report = load_preferences(rc.eval_path, "rm.eval_path", cfg.data.on_bad_record, render=render)
         return pairs, held, [report, eval_report]
     random.Random(rc.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * rc.eval_fraction))
@@ -54,19 +56,42 @@ def preference_data(cfg: Config) -> tuple[list[dict], list[dict], list[LoadRepor
     return pairs[n_eval:], pairs[:n_eval], [report]
 
 
-def encode(pairs: list[dict], tokenizer, max_len: int, report: LoadReport, use_margin: bool) -> list[tuple]:
-    """(chosen ids, rejected ids, margin) per pair; pairs longer than ``max_len`` are dropped
-    and counted (cutting them could cut away the part that differs)."""
+def encode(pairs: list[dict], tokenizer, max_len: int, report: LoadReport, use_margin: bool,
+           over_long: str = "truncate") -> list[tuple]:
+    """(chosen ids, rejected ids, margin) per pair. A pair longer than ``max_len``
+    (``data.over_long``): ``truncate`` drops the shared prompt's oldest tokens (a leading BOS
+    kept) so that both replies fit whole, and drops a pair whose longer reply leaves no room
+    for a prompt token; ``drop`` drops it (cutting the end could cut away the part that
+    differs). Everything cut or dropped is counted."""
     out = []
     for i, p in enumerate(pairs):
         c = tokenizer(reward_text(p["prompt"], p["chosen"]))["input_ids"]
         r = tokenizer(reward_text(p["prompt"], p["rejected"]))["input_ids"]
         if max(len(c), len(r)) > max_len:
-            report.drop(f"pair {i}", f"longer than rm.max_seq_len={max_len}")
-            continue
+            if over_long != "truncate":
+                report.drop(f"pair {i}", f"longer than rm.max_seq_len={max_len}")
+                continue
+            fitted = _cut_prompt(p, tokenizer, max_len)
+            if fitted is None:
+                report.drop(f"pair {i}", f"a reply too long for rm.max_seq_len={max_len} (no room left for the prompt)")
+                continue
+            report.filtered[f"prompts cut from the left to fit rm.max_seq_len={max_len}"] += 1
+            c, r = fitted
         margin = p.get("margin") if use_margin else None
         out.append((c, r, 0.0 if margin is None else float(margin)))
     return out
+
+
+def _cut_prompt(pair: dict, tokenizer, max_len: int) -> Optional[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) in ``max_len`` tokens each, from the prompt's ids cut from the
+    left and each reply's ids (tokenized apart, so the cut is on a token boundary); None if the
+    longer reply leaves no room for a prompt token."""
+    from ..data.prompts import cut_left
+
+    prompt = tokenizer(pair["prompt"])["input_ids"]
+    c, r = (tokenizer(pair[k], add_special_tokens=False)["input_ids"] for k in ("chosen", "rejected"))
+    cut = cut_left(prompt, max_len - max(len(c), len(r)), tokenizer.bos_token_id)
+    return None if cut is None else (cut + c, cut + r)
 
 
 def _rewards(model, seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
@@ -123,18 +148,19 @@ def reward_scale(model, pairs: list[tuple], pad_id: int, chunk: int, device=None
 def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Pairs are read, checked and encoded here; training runs on ``rm.num_workers`` Ray Train
     workers, and rank 0 evaluates, measures the reward scale and saves."""
+    from ..data.loaders import renderer
     from ..models import load_tokenizer
     from ..models.checks import check_inputs
 
     rc = cfg.rm
     clock = Clock()
     base = base_model(cfg, rc.base, "rm.base")
-    train_pairs, held_pairs, reports = preference_data(cfg)
     tokenizer = load_tokenizer(base)
     check_inputs(cfg, base, tokenizer, key="rm.base", lora=rc.mode == "lora", head="seq_cls",
                  outputs=[("rm.output_dir", rc.output_dir)] if rc.output_dir else ())
-    train = encode(train_pairs, tokenizer, rc.max_seq_len, reports[0], rc.use_margin)
-    held = encode(held_pairs, tokenizer, rc.max_seq_len, reports[-1], rc.use_margin)
+    train_pairs, held_pairs, reports = preference_data(cfg, renderer(cfg.data, tokenizer))
+    train = encode(train_pairs, tokenizer, rc.max_seq_len, reports[0], rc.use_margin, cfg.data.over_long)
+    held = encode(held_pairs, tokenizer, rc.max_seq_len, reports[-1], rc.use_margin, cfg.data.over_long)
     for key, report in zip(("rm.data_path", "rm.eval_path"), reports):
         report.announce(key)
     if not train or not held:

@@ -10,30 +10,46 @@ from typing import Any, Optional
 import torch
 
 from ..config import Config
-from ..data.loaders import LoadReport
+from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..logs import redirect_output
 from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import sft_dir
 
 
-def sft_examples(cfg: Config) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
+def sft_examples(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
+    """The records; ``messages`` rendered by ``render`` (``data.chat_template``)."""
     if cfg.sft.data_path is None:
         from ..data.task import sft_records
 
         return sft_records(cfg.sft.num_examples, cfg.sft.seed), None
     from ..data.loaders import load_sft
 
-    return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.num_examples)
+    return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.num_examples,
+                    render=render)
 
 
-def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadReport) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per record; labels are -100 over the prompt. A record whose prompt
-    alone fills ``max_len`` is dropped (counted); a long response is cut (counted)."""
+def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadReport,
+           over_long: str = "truncate") -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record; labels are -100 over the prompt. Longer than ``max_len``
+    (``data.over_long``): ``truncate`` drops the prompt's oldest tokens (a leading BOS kept) so
+    the response fits whole, and drops a record whose response leaves no room for a prompt token;
+    ``drop`` drops a record whose prompt alone fills ``max_len`` and cuts a long response. A
+    ``text``-only record (no prompt) is cut at the end. Everything cut or dropped is counted."""
+    from ..data.prompts import cut_left
+
     out = []
     for i, r in enumerate(records):
         prompt = tokenizer(r["prompt"])["input_ids"]
         response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if over_long == "truncate" and r["prompt"] and len(prompt) + len(response) > max_len:
+            cut = cut_left(prompt, max_len - len(response), tokenizer.bos_token_id)
+            if cut is None:
+                report.drop(f"record {i}", f"response too long for sft.max_seq_len={max_len} (no room left "
+                                           f"for the prompt: {len(response)} tokens)")
+                continue
+            report.filtered[f"prompts cut from the left to fit sft.max_seq_len={max_len}"] += 1
+            prompt = cut
         if len(prompt) >= max_len:
             report.drop(f"record {i}", f"prompt longer than sft.max_seq_len={max_len}")
             continue
@@ -73,18 +89,19 @@ def eval_loss(model, examples: list, pad_id: int, chunk: int, device=None, rank:
 def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Data is read, checked and split here; training runs on ``sft.num_workers`` Ray Train
     workers, and rank 0 evaluates and saves (``output.dir`` must be storage every node sees)."""
+    from ..data.loaders import renderer
     from ..models import load_tokenizer, resolve_model_path
     from ..models.checks import check_inputs
 
     sc = cfg.sft
     clock = Clock()
-    records, report = sft_examples(cfg)
-    report = report or LoadReport("generated task", read=len(records), kept=len(records))
     base = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base)
     check_inputs(cfg, base, tokenizer, lora=sc.mode == "lora",
                  outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
-    examples = encode(records, tokenizer, sc.max_seq_len, report)
+    records, report = sft_examples(cfg, renderer(cfg.data, tokenizer))
+    report = report or LoadReport("generated task", read=len(records), kept=len(records))
+    examples = encode(records, tokenizer, sc.max_seq_len, report, cfg.data.over_long)
     report.announce("sft.data_path")
     if len(examples) < 2:
         raise ValueError(f"sft: {len(examples)} usable examples ({report.summary()})")
