@@ -82,6 +82,12 @@ def _ppo(cfg: Config, resume=None) -> list[dict]:
 def _finish(cfg: Config, records: list[dict]) -> None:
     from .report import targets_table, write_report
 
+    import ray
+
+    if ray.is_initialized():
+        # Every role is closed; disconnecting now means none of Ray's asynchronous notices
+        # (raylet warnings, published by the cluster at any time) lands after the tables.
+        ray.shutdown()
     _print_step_table(records)
     run_dir = cfg.output.run_dir.resolve()
     report = write_report(run_dir, cfg.output.name)

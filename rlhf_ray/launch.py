@@ -6,7 +6,6 @@ import logging
 import os
 import queue as _queue
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -160,8 +159,6 @@ def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]
     if problems:
         raise ValueError("; ".join(problems))
     if waits:
-        import sys
-
         log.warning("the roles will wait for resources: %s", "; ".join(waits))
 
 

@@ -5,8 +5,8 @@ the previous id is removed (vLLM caches adapters by id; re-using one serves stal
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,7 +69,7 @@ class RolloutGenerator:
             # Room for two versions: the new one is written before the old one goes.
             root, self.storage_note = adapter_root(2 * adapter.num_bytes + 2**20)
             if self.storage_note:
-                print(f"{self.name}: {self.storage_note}", file=sys.stderr)
+                logging.getLogger(__name__).warning("%s: %s", self.name, self.storage_note)
             self._dir = root / f"{self.name}-{os.getpid()}"
             _sweep_dead(root)
         # lora_int_id (> 0) and the name are new for every load, not just every version: after a

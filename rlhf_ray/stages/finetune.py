@@ -104,9 +104,10 @@ def run_on_workers(cfg: Config, stage: str, fn: Callable[[dict], None], config: 
     from ray.train.torch import TorchTrainer
 
     from ..launch import RoleFailed, connect, preflight, stage_requests, torch_config
-    from ..logs import link_ray_logs
+    from ..logs import link_ray_logs, log_to_run_dir
 
     sc = getattr(cfg, stage)
+    log_to_run_dir(cfg.output.run_dir.resolve())
     how = connect(cfg)
     if how != "already connected":
         log.info("%s", how)
