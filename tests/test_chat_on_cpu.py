@@ -175,7 +175,8 @@ def test_rm_truncates_the_shared_prompt_so_both_replies_fit(tok):
     assert report.dropped == {"longer than rm.max_seq_len=24": 2}
 
 
-def test_ppo_prompts_truncate_or_drop(tmp_path, tok, capsys):
+def test_ppo_prompts_truncate_or_drop(tmp_path, tok, caplog):
+    caplog.set_level("INFO", logger="rlhf_ray")
     bos = tok.bos_token_id
     long = "the film was good and the story was great. " * 4
     full = _ids(tok, long)
@@ -193,7 +194,7 @@ def test_ppo_prompts_truncate_or_drop(tmp_path, tok, capsys):
                          over_long="drop")
     f = _jsonl(tmp_path / "p.jsonl", [{"prompt": "the film was"}, {"prompt": long}])
     prompt_set(_data("data.max_prompt_tokens=8"), f, tok, max_new_tokens=4, max_model_len=256)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "data.prompts_path: " in out and "1 prompts over data.max_prompt_tokens=8, cut from the left" in out
 
 

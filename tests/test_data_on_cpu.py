@@ -147,11 +147,12 @@ def test_loader_config_is_checked():
         load_config(None, ["eval.judge=gpt4"])
 
 
-def test_drops_are_printed_with_their_lines(tmp_path, capsys):
+def test_drops_are_printed_with_their_lines(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rlhf_ray")
     f = _jsonl(tmp_path / "p.jsonl", [{"prompt": "the film was"}, "oops", {"prompt": ""}])
     cfg = load_config(None, []).data
     assert load_prompt_texts(cfg, str(f)) == ["the film was"]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "data.prompts_path: " in out and "kept 1, dropped 2: 1 not valid JSON, 1 empty 'prompt'" in out
     assert f"{f}:2: not valid JSON" in out and f"{f}:3: empty 'prompt'" in out
 

@@ -21,6 +21,7 @@ A malformed record is skipped and counted (``data.on_bad_record: skip``) or stop
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from ..config import ConfigError, DataConfig
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 ASSISTANT = "\n\nAssistant:"
 _ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant", "system": "System"}
 _TEMPLATE_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -67,11 +69,13 @@ class LoadReport:
         return s
 
     def announce(self, key: str) -> None:
-        """Print what was dropped or left out, so nothing goes missing unseen."""
+        """Say what was dropped (a warning: records are lost) or left out, cut or capped (on
+        purpose: info), so nothing goes missing unseen."""
         if self.dropped or self.filtered:
-            print(f"{key}: {self.summary()}")
+            level = logging.WARNING if self.dropped else logging.INFO
+            log.log(level, "%s: %s", key, self.summary())
             for problem in self.first_problems:
-                print(f"  {problem}")
+                log.log(level, "  %s", problem)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
