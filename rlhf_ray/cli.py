@@ -104,6 +104,7 @@ def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     resume = None
     if args.resume is not None:
         cfg, resume = _resume_target(cfg, args)
+        args.run_dir = cfg.output.run_dir  # where a failed role's log is, for main
     elif cfg.cluster.rehearse:
         _rehearsal_inputs(cfg, args)
     _finish(cfg, _ppo(cfg, resume))
@@ -371,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .logs import tail
 
             # The role's own output went to its log file, not to this screen: show its end.
-            last = tail(cfg.output.run_dir.resolve(), e.role.split()[0])
+            last = tail(getattr(args, "run_dir", cfg.output.run_dir).resolve(), e.role.split()[0])
             if last:
                 print(last, file=sys.stderr)
         return 1

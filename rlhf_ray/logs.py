@@ -34,20 +34,36 @@ def setup_logging(level: str = "normal") -> None:
     log.addHandler(console)
 
 
+_run_log: Optional[logging.FileHandler] = None  # the one driver.log being written
+
+
 def log_to_run_dir(run_dir: Path) -> Path:
-    """Also keep every driver message (debug included) in ``<run>/logs/driver.log``."""
-    path = log_dir(run_dir) / "driver.log"
+    """Also keep every driver message (debug included) in ``<run>/logs/driver.log``: one file
+    at a time, so a process that runs several trainers writes each run's messages to its own."""
+    global _run_log
+    path = (log_dir(run_dir) / "driver.log").resolve()
+    if _run_log is not None and Path(_run_log.baseFilename) == path:
+        return path
+    close_run_log()
     path.parent.mkdir(parents=True, exist_ok=True)
-    for h in log.handlers:
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
-            return path
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.DEBUG)
+    _run_log = logging.FileHandler(path)
+    _run_log.setLevel(logging.DEBUG)
+    _run_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(_run_log)
+    log.setLevel(logging.DEBUG)
+    if not any(getattr(h, "_rlhf_console", False) for h in log.handlers) and not logging.getLogger().handlers:
+        # Used as a library (no CLI, no logging set up): warnings still reach the screen, which
+        # Python's last-resort handler stops doing once the file handler exists.
+        setup_logging("quiet")
     return path
+
+
+def close_run_log() -> None:
+    global _run_log
+    if _run_log is not None:
+        log.removeHandler(_run_log)
+        _run_log.close()
+        _run_log = None
 
 
 def redirect_output(name: str, directory: Optional[str] = None) -> Optional[Path]:

@@ -79,23 +79,25 @@ def flat_config(cfg_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 class _Jsonl:
     def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a" if append else "w")
+        from .telemetry import MetricsWriter
+
+        self._w = MetricsWriter(path, append=append)
 
     def log(self, record: Mapping[str, Any], flat: dict[str, float], step: int) -> None:
-        self._fh.write(json.dumps({"step": step, **record}) + "\n")
-        self._fh.flush()
+        self._w.write({"step": step, **record})
 
-    def close(self) -> None:
-        self._fh.close()
+    def close(self, failed: bool = False) -> None:
+        self._w.close()
 
 
 class _TensorBoard:
-    def __init__(self, log_dir: Path, hparams: dict[str, Any], config_text: str):
+    def __init__(self, log_dir: Path, hparams: dict[str, Any], config_text: str, from_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        self._w = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: after going back to a checkpoint, TensorBoard hides the abandoned steps
+        # (those >= from_step of earlier event files) instead of drawing both futures.
+        self._w = SummaryWriter(log_dir=str(log_dir), purge_step=from_step)
         self._w.add_text("config", "```\n" + config_text + "\n```", 0)
         # In the stage's own event file (add_hparams would make a sub-run), so the HPARAMS tab
         # lists every stage of every run side by side.
@@ -107,7 +109,7 @@ class _TensorBoard:
             self._w.add_scalar(name, v, step)
         self._w.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._w.close()
 
 
@@ -122,14 +124,31 @@ def _wandb_key_known() -> bool:
         return False
 
 
+def wandb_mode() -> str:
+    """``WANDB_MODE``, else online where an API key is known, else offline (``wandb sync`` later)."""
+    return os.environ.get("WANDB_MODE") or ("online" if _wandb_key_known() else "offline")
+
+
+def driver_env(cfg) -> dict[str, str]:
+    """What a stage's workers must log with, decided once on the driver: its wandb mode (the
+    key may be in the driver's ~/.netrc only) and MLflow store (a relative output.dir means
+    the driver's working directory, not the worker's)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    if "wandb" in cfg.output.trackers:
+        env["WANDB_MODE"] = wandb_mode()
+        if env["WANDB_MODE"] == "offline" and not os.environ.get("WANDB_MODE"):
+            log.info("wandb: no API key here, so runs are written offline under %s/wandb (`wandb sync` "
+                     "uploads them)", cfg.output.run_dir)
+    if "mlflow" in cfg.output.trackers:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri(cfg.output.dir)
+    return env
+
+
 class _Wandb:
     def __init__(self, run_dir: Path, name: str, group: str, config: dict[str, Any]):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_known() else "offline")
-        if mode == "offline" and not os.environ.get("WANDB_MODE"):
-            log.info("wandb: no API key here, so the run is written offline under %s (`wandb sync` uploads it)",
-                     run_dir / "wandb")
+        mode = wandb_mode()
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhf-ray"), name=name, group=group,
                                dir=str(run_dir), config=config, mode=mode, reinit="create_new",
                                settings=wandb.Settings(silent=True, console="off"))
@@ -137,8 +156,8 @@ class _Wandb:
     def log(self, record: Mapping[str, Any], flat: dict[str, float], step: int) -> None:
         self._run.log(flat, step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)
 
 
 def mlflow_uri(output_dir: str) -> str:
@@ -170,65 +189,82 @@ class _Mlflow:
         for i in range(0, len(items), 1000):  # the batch limit for metrics
             self._c.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def close(self) -> None:
-        self._c.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self._c.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class Trackers:
     """The trackers of one stage. ``log(record, step)`` writes the record whole to the jsonl
     file (when ``jsonl`` is given) and its numeric leaves, named ``<stage>/<key>``, to the
     others; ``log(record, step, prefix="eval")`` files them under another name (the held-out
-    evaluation inside PPO). A tracker that fails while logging is reported once and dropped:
+    evaluation inside PPO). ``from_step``: the run continues from a checkpoint at that step
+    (see ``rewind``). A tracker that fails while logging is reported once, closed and dropped:
     a tracker must never stop training."""
 
-    def __init__(self, cfg, stage: str, run_dir: Path, *, jsonl: Optional[Path] = None, append: bool = False):
-        from .config import dump_config
-
-        self.stage = stage
+    def __init__(self, cfg, stage: str, run_dir: Path, *, jsonl: Optional[Path] = None, append: bool = False,
+                 from_step: Optional[int] = None):
+        self.stage, self._cfg, self._run_dir = stage, cfg, Path(run_dir)
         self._backends: dict[str, Any] = {}
-        names = set(cfg.output.trackers)
-        hparams = flat_config(cfg.to_dict())
-        run_name = f"{cfg.output.name}-{stage}"
         try:
             if jsonl is not None:
                 self._backends["jsonl"] = _Jsonl(jsonl, append)
-            if "tensorboard" in names:
-                self._backends["tensorboard"] = _TensorBoard(run_dir / "tensorboard" / stage, hparams,
-                                                             dump_config(cfg))
-            if "wandb" in names:
-                self._backends["wandb"] = _Wandb(run_dir, run_name, cfg.output.name, cfg.to_dict())
-            if "mlflow" in names:
-                self._backends["mlflow"] = _Mlflow(mlflow_uri(cfg.output.dir),
-                                                   os.environ.get("MLFLOW_EXPERIMENT_NAME", "rlhf-ray"),
-                                                   run_name, hparams)
+            self._open_others(from_step)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
+
+    def _open_others(self, from_step: Optional[int]) -> None:
+        from .config import dump_config
+
+        cfg, names = self._cfg, set(self._cfg.output.trackers)
+        hparams = flat_config(cfg.to_dict())
+        # A continued run is a new wandb/MLflow run (both keep only the first value of a step).
+        run_name = f"{cfg.output.name}-{self.stage}" + (f"-from-step-{from_step}" if from_step else "")
+        if "tensorboard" in names:
+            self._backends["tensorboard"] = _TensorBoard(self._run_dir / "tensorboard" / self.stage, hparams,
+                                                         dump_config(cfg), from_step)
+        if "wandb" in names:
+            self._backends["wandb"] = _Wandb(self._run_dir, run_name, cfg.output.name, cfg.to_dict())
+        if "mlflow" in names:
+            self._backends["mlflow"] = _Mlflow(mlflow_uri(cfg.output.dir),
+                                               os.environ.get("MLFLOW_EXPERIMENT_NAME", "rlhf-ray"), run_name,
+                                               hparams)
 
     @property
     def names(self) -> list[str]:
         return list(self._backends)
 
-    def log(self, record: Mapping[str, Any], step: int, *, prefix: Optional[str] = None,
-            jsonl: bool = True) -> None:
+    def rewind(self, step: int) -> None:
+        """The run went back to its checkpoint at ``step``: the steps from there on are made
+        again, so every tracker but the jsonl file (whose owner rewrites it) starts over there."""
+        jsonl = self._backends.pop("jsonl", None)
+        self.close()
+        if jsonl is not None:
+            self._backends["jsonl"] = jsonl
+        self._open_others(step)
+
+    def log(self, record: Mapping[str, Any], step: int, *, prefix: Optional[str] = None) -> None:
         flat = scalars(record, prefix or self.stage)
         for name, backend in list(self._backends.items()):
-            if name == "jsonl" and not jsonl:
-                continue
             try:
                 backend.log(record, flat, step)
             except Exception as e:  # a full disk or a lost server: say so, keep training
                 log.warning("tracker %s failed (%s: %s); it is left out for the rest of the stage",
                             name, type(e).__name__, e)
-                self._backends.pop(name, None)
+                self._close_one(self._backends.pop(name), name, failed=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the stage ended with an error (wandb and MLflow mark the run so)."""
         for name, backend in list(self._backends.items()):
-            try:
-                backend.close()
-            except Exception as e:
-                log.warning("tracker %s did not close cleanly (%s)", name, e)
+            self._close_one(backend, name, failed)
         self._backends = {}
+
+    @staticmethod
+    def _close_one(backend: Any, name: str, failed: bool) -> None:
+        try:
+            backend.close(failed)
+        except Exception as e:
+            log.warning("tracker %s did not close cleanly (%s)", name, e)
 
 
 # -- Ray dashboard ------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import json
 import random
 import logging
 import time
-import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
-from .logs import link_ray_logs, log_to_run_dir
+from .logs import close_run_log, link_ray_logs, log_to_run_dir
 from .telemetry import MetricsWriter, StageTimer
 from .tracking import RayGauges, Trackers
 
@@ -63,9 +62,8 @@ class BadSteps:
         self.in_row += 1
         self.total += 1
         what = ", ".join(bad)
-        warnings.warn(f"PPO step {step}: NaN or inf in {what}; "
-                      f"{'rest of the update dropped' if 'gradients' in bad else 'update skipped'} "
-                      f"({self.in_row} bad step(s) in a row)", stacklevel=3)
+        log.warning("PPO step %d: NaN or inf in %s; %s (%d bad step(s) in a row)", step, what,
+                    "rest of the update dropped" if "gradients" in bad else "update skipped", self.in_row)
         if self.in_row > self.limit:
             last = last_checkpoint or "none written (checkpoint.every is 0)"
             raise NumericError(f"{self.in_row} PPO steps in a row had NaN or inf ({what}), more than "
@@ -135,7 +133,8 @@ class PPOTrainer:
         self.learner = None
         try:
             # metrics.jsonl (below) is the jsonl tracker here: a restart from a checkpoint rewrites it.
-            self.trackers = Trackers(cfg, "ppo", self.run_dir)
+            self.trackers = Trackers(cfg, "ppo", self.run_dir,
+                                     from_step=self.resumed_from.step if self.resumed_from else None)
             # The roles' group is reserved before the learner's, so Ray Train's workers take
             # the GPUs it leaves (see RolePlacement).
             with clock.stage("placement"):
@@ -323,8 +322,9 @@ class PPOTrainer:
         self.metrics.close()
         self._restore_driver(ck.state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
+        self.trackers.rewind(ck.step)
         self.fleet.publish(adapter_ref)
-        warnings.warn(f"{why}; continuing from {ck.path} (step {ck.step})", stacklevel=3)
+        log.warning("%s; continuing from %s (step %d)", why, ck.path, ck.step)
 
     def _fill_pipeline(self) -> None:
         """Rollouts sent for this step and the next ``rollout.max_staleness``: a step's rollout
@@ -548,9 +548,10 @@ class PPOTrainer:
             "eval": self.evals,
         }
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """End every actor this trainer started: learner workers, generators (and their
-        RAM-disk directories), reward and reference."""
+        RAM-disk directories), reward and reference; close the trackers (``failed``: the run
+        ended with an error, which wandb and MLflow record)."""
         import ray
 
         try:
@@ -570,13 +571,14 @@ class PPOTrainer:
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
             if getattr(self, "trackers", None) is not None:
-                self.trackers.close()
+                self.trackers.close(failed)
+            close_run_log()
 
     def __enter__(self) -> "PPOTrainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def startup_line(total_s: float, parts: dict[str, Any]) -> str:

@@ -275,20 +275,25 @@ def test_hub_dataset_records_come_through_the_same_loader(monkeypatch):
 
     asked = []
 
-    def fake(name, split):
-        asked.append((name, split))
+    def fake(path, split, **extra):
+        asked.append((path, split, *sorted(extra.items())))
         return datasets.Dataset.from_list([{"prompt": "the film was"}, {"prompt": ""}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     texts, report = load_prompts(_data(), "org/reviews")
     assert texts == ["the film was"] and asked == [("org/reviews", "train")]
+    load_prompts(_data(), "Anthropic/hh-rlhf/harmless-base:test")  # a subset kept in a folder
+    assert asked[-1] == ("Anthropic/hh-rlhf", "test", ("data_dir", "harmless-base"))
+    load_prompts(_data(), "nyu-mll/glue@sst2:validation")
+    assert asked[-1] == ("nyu-mll/glue", "validation", ("name", "sst2"))
     assert report.first_problems == ["org/reviews[record 1]: empty 'prompt'"]
     load_prompts(_data(), "imdb:test[:10]")
     assert asked[-1] == ("imdb", "test[:10]")
 
 
 def test_what_counts_as_a_hub_name():
-    for name in ("imdb", "Anthropic/hh-rlhf", "org/name:test", "stanfordnlp/sst2:validation[:50]"):
+    for name in ("imdb", "Anthropic/hh-rlhf", "org/name:test", "stanfordnlp/sst2:validation[:50]",
+                 "Anthropic/hh-rlhf/harmless-base:test", "nyu-mll/glue@sst2"):
         assert is_hub_name(name), name
-    for path in ("./x", "/x/y", "~/x", "prompts.jsonl", "data/p.json", "a/b/c", "org/name.jsonl:x", ""):
+    for path in ("./x", "/x/y", "~/x", "prompts.jsonl", "data/p.json", "org/name.jsonl:x", "a/b.jsonl@x", ""):
         assert not is_hub_name(path), path

@@ -142,3 +142,22 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, caplog):
     tr.close()
     assert len((cfg.output.run_dir / "m.jsonl").read_text().splitlines()) == 2
     assert sum("tracker tensorboard failed (OSError: disk full)" in r.message for r in caplog.records) == 1
+
+
+def test_going_back_to_a_checkpoint_starts_the_trackers_over_there(tmp_path, monkeypatch):
+    """Steps 0-3, back to the checkpoint of step 2, steps 2-3 again: TensorBoard shows one
+    future (the abandoned steps purged), wandb gets a second run for the continuation."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.name=t", "output.trackers=[tensorboard,wandb]"])
+    tr = Trackers(cfg, "ppo", cfg.output.run_dir)
+    for step in range(4):
+        tr.log({"reward_mean": float(step)}, step)
+    tr.rewind(2)
+    for step in (2, 3):
+        tr.log({"reward_mean": 10.0 + step}, step)
+    tr.close()
+    tb, _ = _tensorboard_scalars(cfg.output.run_dir / "tensorboard" / "ppo")
+    assert tb["ppo/reward_mean"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0)]
+    runs = sorted((cfg.output.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    names = [r.run.display_name for f in runs for r in _wandb_records(f) if r.WhichOneof("record_type") == "run"]
+    assert sorted(set(names)) == ["t-ppo", "t-ppo-from-step-2"]

@@ -13,7 +13,7 @@ Three shapes are understood:
 
 Message lists are rendered by a :class:`Renderer` (``data.chat_template``): the tokenizer's chat
 template, or the plain ``\n\nHuman: ...\n\nAssistant:`` layout. A path that is neither a
-local file nor a directory is read as a ``datasets`` hub name (``org/name[:split]``).
+local file nor a directory is read as a ``datasets`` hub name (``org/name[/folder][@config][:split]``).
 
 A malformed record is skipped and counted (``data.on_bad_record: skip``) or stops the load
 (``error``); every count is in the :class:`LoadReport`, nothing is dropped silently.
@@ -135,27 +135,40 @@ def _saved_dataset(p: Path, key: str):
 
 
 def is_hub_name(path: str) -> bool:
-    """``org/name`` or ``name``, with an optional ``:split``: not a path people write for a
-    local file (``./x``, ``/x``, ``~/x``, ``x.jsonl``, ``a/b/c``)."""
-    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w\[\]:%+.-]+)?", path) is not None
-            and not path.split(":")[0].endswith((".json", ".jsonl")))
+    """``org/name``, optionally ``/folder`` (a subset kept in a folder, e.g.
+    ``Anthropic/hh-rlhf/harmless-base``), ``@config`` and ``:split``: not a path people write
+    for a local file (``./x``, ``/x``, ``~/x``, ``x.jsonl``)."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*(@[\w.-]+)?(:[\w\[\]:%+.-]+)?", path) is not None
+            and not path.split(":")[0].split("@")[0].endswith((".json", ".jsonl")))
+
+
+def hub_parts(path: str) -> tuple[str, Optional[str], Optional[str], str]:
+    """(repo, folder or None, config or None, split) of a hub name; split defaults to train."""
+    name, _, split = path.partition(":")
+    name, _, config = name.partition("@")
+    repo, _, folder = name.partition("/")
+    if folder:
+        second, _, folder = folder.partition("/")
+        repo = f"{repo}/{second}"
+    return repo, folder or None, config or None, split or "train"
 
 
 def _hub_dataset(path: str, key: str):
-    """The split (``name:split``, default ``train``) of a ``datasets`` hub dataset, from the
-    local cache or downloaded; a failure is one line saying how to use a local copy instead."""
+    """A split of a ``datasets`` hub dataset (see ``is_hub_name``), from the local cache or
+    downloaded; a failure is one line saying how to use a local copy instead."""
     import datasets
 
-    name, _, split = path.partition(":")
-    split = split or "train"
+    repo, folder, config, split = hub_parts(path)
+    extra = {k: v for k, v in (("name", config), ("data_dir", folder)) if v}
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(repo, split=split, **extra)
     except Exception as e:  # not found, offline, gated, a bad split: one line for all of them
         why = ("offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set, and it is not in the local cache"
                if datasets.config.HF_HUB_OFFLINE else _first_line(e))
+        args = "".join(f", {k}='{v}'" for k, v in extra.items())
         raise DataError(
             f"{key}={path!r}: not a local file or directory, and the `datasets` hub cannot provide it ({why}); "
-            f"save it where the hub is reachable (`python -c \"import datasets; datasets.load_dataset('{name}', "
+            f"save it where the hub is reachable (`python -c \"import datasets; datasets.load_dataset('{repo}'{args}, "
             f"split='{split}').save_to_disk('DIR')\"`) and set {key}=DIR") from None
 
 

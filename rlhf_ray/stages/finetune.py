@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -152,33 +152,53 @@ def metrics_path(run_dir: Path, stage: str) -> Path:
     return run_dir / f"{stage}_metrics.jsonl"
 
 
-def stage_trackers(config: dict, stage: str):
-    """Rank 0's trackers for a stage (called on the worker): the figures are logged live from
-    where they are made, into the run directory every node sees, with the driver's tracker
-    settings (WANDB_*, MLFLOW_*) that a cluster's workers would not inherit."""
+@contextlib.contextmanager
+def stage_trackers(config: dict, stage: str, rank: int) -> Iterator[Optional[Any]]:
+    """Rank 0's trackers for a stage (None on the other ranks), opened on the worker: the
+    figures are logged live from where they are made, into the run directory every node sees,
+    with the tracker settings the driver decided (``tracking.driver_env``)."""
+    if rank != 0:
+        yield None
+        return
     from ..tracking import Trackers
 
     os.environ.update(config["tracker_env"])
     run_dir = Path(config["run_dir"])
-    return Trackers(config["cfg"], stage, run_dir, jsonl=metrics_path(run_dir, stage))
+    trackers = Trackers(config["cfg"], stage, run_dir, jsonl=metrics_path(run_dir, stage))
+    try:
+        yield trackers
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
 
 
 def _follow(path: Path, total: int, desc: str, done: threading.Event) -> None:
     """The driver's progress bar for a stage: rank 0's jsonl lines, as they are written."""
     from tqdm import tqdm
 
-    bar, seen = None, 0
+    bar, offset = None, 0
     while True:
         finished = done.wait(0.5)
-        lines = path.read_text().splitlines() if path.is_file() else []
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        # Whole lines only: over NFS the last one may still be half written.
+        lines = chunk[:chunk.rfind(b"\n") + 1]
+        offset += len(lines)
         if bar is None and lines:  # from rank 0's first record: Ray's start-up is not a training step
             bar = tqdm(total=total, desc=desc, unit="step")
-        for line in lines[seen:]:
-            rec = json.loads(line)
+        for line in lines.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
             if "loss" in rec:
                 bar.n = min(total, rec["step"])
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        seen = len(lines)
         if finished:
             break
     if bar is not None:
@@ -192,7 +212,7 @@ def train_stage(cfg: Config, stage: str, fn: Callable[[dict], None], summary: di
     stored as ``<run>/<stage>.json``. With ``config["progress"]`` the driver shows a bar of
     the training steps (the workers' own output goes to ``<run>/logs``)."""
     from ..logs import log_dir
-    from ..tracking import ENV_PREFIXES
+    from ..tracking import driver_env
 
     path = Path(summary["output"]) / "stage.json"
     path.unlink(missing_ok=True)  # what the workers write is what is read back
@@ -204,7 +224,7 @@ def train_stage(cfg: Config, stage: str, fn: Callable[[dict], None], summary: di
     follower = threading.Thread(target=_follow, args=(metrics_path(run_dir, stage), total, stage, done), daemon=True)
     if config.get("progress", True):
         follower.start()
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    env = driver_env(cfg)
     try:
         run_on_workers(cfg, stage, fn, {**config, "summary": summary, "progress": False, "run_dir": str(run_dir),
                                         "log_dir": str(log_dir(run_dir)), "tracker_env": env})

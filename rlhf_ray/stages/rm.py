@@ -206,8 +206,7 @@ def _rm_worker(config: dict) -> None:
     pad = tokenizer.pad_token_id
     chunk = rc.micro_batch_size or rc.batch_size
     before = evaluate_pairs(model, held, pad, chunk, device, rank, world)
-    trackers = stage_trackers(config, "rm") if rank == 0 else None
-    try:
+    with stage_trackers(config, "rm", rank) as trackers:
         if trackers:
             trackers.log({"heldout": before}, 0)
         model.train()
@@ -221,9 +220,6 @@ def _rm_worker(config: dict) -> None:
         after = evaluate_pairs(model, held, pad, chunk, device, rank, world)
         if trackers:
             trackers.log({"heldout": after}, len(history))
-    finally:
-        if trackers:
-            trackers.close()
     # A sample is enough for a mean and a std; all pairs of a large set would be hours on 7B.
     scale = reward_scale(model, random.Random(rc.seed).sample(train, min(len(train), SCALE_PAIRS)), pad, chunk,
                          device, rank, world)

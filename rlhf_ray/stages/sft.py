@@ -139,8 +139,7 @@ def _sft_worker(config: dict) -> None:
     pad = load_tokenizer(base).pad_token_id
     chunk = sc.micro_batch_size or sc.batch_size
     before = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
-    trackers = stage_trackers(config, "sft") if rank == 0 else None
-    try:
+    with stage_trackers(config, "sft", rank) as trackers:
         if trackers and before is not None:
             trackers.log({"heldout_loss": before}, 0)
         ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
@@ -154,9 +153,6 @@ def _sft_worker(config: dict) -> None:
         after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
         if trackers and after is not None:
             trackers.log({"heldout_loss": after}, len(history))
-    finally:
-        if trackers:
-            trackers.close()
     if rank != 0:
         return
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
