@@ -62,12 +62,14 @@ def test_launcher_installs_the_projects_pins(name):
     setup = " ; ".join(_load(name)["setup_commands"])
     torch_pin = next(d for d in _pyproject()["optional-dependencies"]["cpu"] if d.startswith("torch"))
     assert f"pip install -q {torch_pin}" in setup  # the CPU stack's torch, as the Makefile
-    assert "pip install -q -e '.[gpu]'" in setup and "gpu" in _pyproject()["optional-dependencies"]
+    # trackers: a stage's rank 0 logs to wandb/MLflow from whichever node it lands on.
+    assert "pip install -q -e '.[gpu,trackers]'" in setup
+    assert {"gpu", "trackers"} <= set(_pyproject()["optional-dependencies"])
     # Ray comes from pyproject.toml only; a second pin here would drift from the head's.
     assert not re.search(r"\bray(\[[^\]]*\])?==", setup)
     assert _ray_pin().endswith("==2.60.0")
     makefile = (ROOT / "Makefile").read_text()
-    assert f"pip install -q {torch_pin}" in makefile and "'.[gpu,bench]'" in makefile
+    assert f"pip install -q {torch_pin}" in makefile and "'.[gpu,bench,trackers]'" in makefile
 
 
 def test_two_launchers_share_their_setup():

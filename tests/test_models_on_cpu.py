@@ -28,11 +28,15 @@ def test_build_is_reused_when_settings_match(tmp_path):
     assert weights.stat().st_mtime_ns != mtime
 
 
-def test_local_path_goes_through_same_loader(tiny_model_dir, tmp_path):
+def test_local_path_goes_through_same_loader(tiny_model_dir, tmp_path, monkeypatch):
     assert resolve_model_path(ModelConfig(path=tiny_model_dir)) == tiny_model_dir
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_path(ModelConfig(path=str(tmp_path / "nothing")))
-    # A hub id is passed through untouched for from_pretrained to fetch.
+    # A hub id whose config.json the hub (or the local cache) has stays a hub id, for each
+    # node's from_pretrained to fetch (tests/test_chat_on_cpu.py: the offline error).
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / name))
     assert resolve_model_path(ModelConfig(path="meta-llama/Llama-2-7b-hf")) == "meta-llama/Llama-2-7b-hf"
 
 
