@@ -42,6 +42,10 @@ def check_hub_model(name: str, key: str) -> None:
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
+        # The cache first: a machine without the hub (and without HF_HUB_OFFLINE) would
+        # otherwise wait out the download's retries (~25 s) on every check.
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+            return
         huggingface_hub.hf_hub_download(name, "config.json")
         return
     except GatedRepoError:
