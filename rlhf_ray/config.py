@@ -551,8 +551,9 @@ def _plain_values(obj: Any) -> None:
             raise _FieldError(f.name, f"must not contain a NUL character, got {v!r}")
 
 
-def _reason(e: BaseException) -> str:
-    # OmegaConf appends full_key/object_type lines; the key is already in our prefix.
+def first_line(e: BaseException) -> str:
+    """An error's first line (OmegaConf, datasets and huggingface_hub append detail lines the
+    key or file in our own message already says), or its type when it has no text."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -685,14 +686,14 @@ def _read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:  # its text carries line and column
         raise ConfigError(f"{source}: cannot parse YAML: {e}") from None
     except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits; nesting too deep
-        raise ConfigError(f"{source}: cannot parse YAML: {_reason(e)}") from None
+        raise ConfigError(f"{source}: cannot parse YAML: {first_line(e)}") from None
 
 
 def _merge(layers: list, where: str, key: str = "") -> Any:
     try:
         return OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:  # a value of the wrong type; the shapes were checked already
-        raise ConfigError(f"{where}: {e.full_key or key}: {_reason(e)}") from None
+        raise ConfigError(f"{where}: {e.full_key or key}: {first_line(e)}") from None
 
 
 def _build(merged: Any, source: str) -> Config:
@@ -707,9 +708,9 @@ def _build(merged: Any, source: str) -> Config:
             # Interpolation errors carry the full dotted key, conversion errors the section's.
             key = e.full_key or ""
             key = key if key == f.name or key.startswith(f"{f.name}.") else f"{f.name}.{key}".rstrip(".")
-            raise ConfigError(f"{source}: {key}: {_reason(e)}") from None
+            raise ConfigError(f"{source}: {key}: {first_line(e)}") from None
         except (TypeError, ValueError, OverflowError, RecursionError) as e:  # e.g. an interpolated value
-            raise ConfigError(f"{source}: {f.name}: {type(e).__name__}: {_reason(e)}") from None
+            raise ConfigError(f"{source}: {f.name}: {type(e).__name__}: {first_line(e)}") from None
         sections[f.name] = obj
     try:
         return Config(**sections)
@@ -748,7 +749,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         try:
             layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]), resolve=False)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError, RecursionError) as e:  # the value is YAML
-            raise ConfigError(f"{where}: {key}: cannot parse the value ({_reason(e)})") from None
+            raise ConfigError(f"{where}: {key}: cannot parse the value ({first_line(e)})") from None
         merged = _merge([merged, _check_layer(layer, where, null_sections=False)], where, key)
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"

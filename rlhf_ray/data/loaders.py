@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, first_line
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def _hub_dataset(path: str, key: str):
         return datasets.load_dataset(repo, split=split, **extra)
     except Exception as e:  # not found, offline, gated, a bad split: one line for all of them
         why = ("offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set, and it is not in the local cache"
-               if datasets.config.HF_HUB_OFFLINE else _first_line(e))
+               if datasets.config.HF_HUB_OFFLINE else first_line(e))
         args = "".join(f", {k}='{v}'" for k, v in extra.items())
         raise DataError(
             f"{key}={path!r}: not a local file or directory, and the `datasets` hub cannot provide it ({why}); "
@@ -178,7 +178,7 @@ def _json_record(line: str) -> Any:
     except json.JSONDecodeError as e:
         return BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
     except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits; nesting too deep
-        return BadRecord(f"not valid JSON ({_first_line(e)})")
+        return BadRecord(f"not valid JSON ({first_line(e)})")
 
 
 def _json_array(p: Path, key: str) -> Iterator[tuple[str, Any]]:
@@ -195,15 +195,11 @@ def _json_array(p: Path, key: str) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:
-        raise DataError(f"{p}: not valid JSON ({_first_line(e)})") from None
+        raise DataError(f"{p}: not valid JSON ({first_line(e)})") from None
     if not isinstance(records, list):
         raise DataError(f"{p}: a .json file must hold a list of records (JSONL: use .jsonl)")
     for i, rec in enumerate(records):
         yield f"{p}[record {i}]", rec
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -328,7 +324,7 @@ class Renderer:
             text = self.tokenizer.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=True)
         except Exception as e:  # jinja2's TemplateError (also a template's raise_exception), ValueError
-            raise BadRecord(f"the chat template cannot render {name!r} ({_first_line(e)})") from None
+            raise BadRecord(f"the chat template cannot render {name!r} ({first_line(e)})") from None
         if self._bos and text.startswith(self._bos):
             text = text[len(self._bos):]
         return text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig, ModelConfig
+from ..config import LoraConfig, ModelConfig, first_line
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +56,7 @@ def check_hub_model(name: str, key: str) -> None:
         why = ("offline: HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE
                else "the hub cannot be reached") + ", and config.json is not in the local cache"
     except Exception as e:  # an invalid repo id (HFValidationError), a network or HTTP error
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = first_line(e)
     raise FileNotFoundError(
         f"{key}={name!r}: not a local directory, and the Hugging Face hub cannot provide it ({why}); download "
         f"it where the hub is reachable (`hf download {name} --local-dir DIR`) and set {key}=DIR")
