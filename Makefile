@@ -17,7 +17,7 @@ ifeq ($(filter cpu gpu,$(STACK_USED)),)
 $(error STACK must be auto, cpu or gpu, not '$(STACK)')
 endif
 
-.PHONY: run test venv clean
+.PHONY: run test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ run: $(STAMP)
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+# The edit-test loop: maths, config, data, planner, CLI parsing; no Ray, no vLLM (a test that
+# starts either fails here and must be marked integration). Under 3 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not integration" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 clean:

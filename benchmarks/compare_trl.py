@@ -82,7 +82,8 @@ def _rlhf_ray(cfg, steps: int) -> dict[str, Any]:
         records = tr.run(steps, evaluate=False)
         train_s = time.perf_counter() - t
         adapter = ray.get(tr.latest_adapter)
-    ray.shutdown()  # the next row starts its own head
+    if tr.how_connected.startswith("started"):
+        ray.shutdown()  # the next row starts its own head (a joined cluster stays)
     steady = records[1:] or records
     samples = sum(r["samples"] for r in records)
     return {"startup_s": startup, "train_s": train_s, "samples": samples, "samples_per_s": samples / train_s,

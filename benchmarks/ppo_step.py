@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from .common import table
 
@@ -37,11 +38,22 @@ def _steps(trainer, n: int) -> list[dict]:
     return [trainer.step() for _ in range(n)]
 
 
-def run_step(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+@contextmanager
+def _trainer(cfg, given=None, **rollout) -> Iterator[Any]:
+    """The trainer to measure: ``given``, a live one left running (the test suite's shared
+    trainer), or a new one on ``bench_config(cfg, **rollout)``, closed at the end."""
+    if given is not None:
+        yield given
+        return
     from rlhf_ray.trainer import PPOTrainer
 
-    cfg = bench_config(cfg)
-    with PPOTrainer(cfg, progress=False) as tr:
+    with PPOTrainer(bench_config(cfg, **rollout), progress=False) as tr:
+        yield tr
+
+
+def run_step(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    with _trainer(cfg, trainer) as tr:
+        cfg = tr.cfg
         records = _steps(tr, args.steps + 1)[1:]  # step 0 pays first-call costs
     wall = {s: statistics.mean(r["time_s"][s] for r in records) for s in STAGES + ["idle", "total"]}
     compute = {s: statistics.mean(r["compute_s"][s] for r in records) for s in STAGES}
@@ -61,15 +73,13 @@ def run_step(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     return {"steps_measured": len(records), "batch_size": cfg.ppo.batch_size}, results, text
 
 
-def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+def run_memory(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Each actor's measured peak beside the planner's estimate for it, then the planner's
     three checks (plan_check.py)."""
-    from rlhf_ray.trainer import PPOTrainer
-
     from . import plan_check
 
-    cfg = bench_config(cfg)
-    with PPOTrainer(cfg, progress=False) as tr:
+    with _trainer(cfg, trainer) as tr:
+        cfg = tr.cfg
         records = _steps(tr, max(2, args.steps))
         model_dir, reward_dir, max_len = tr.model_path, tr.reward_path, tr.max_model_len
     mem = records[-1]["memory"]
@@ -107,16 +117,16 @@ def run_memory(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     return {"steps": len(records)}, results, text
 
 
-def run_scaling(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+def run_scaling(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any], dict[str, Any], str]:
     import os
-
-    from rlhf_ray.trainer import PPOTrainer
 
     cores = len(os.sched_getaffinity(0))
     sizes = list(range(1, max(2, args.max_actors) + 1))
-    cfg = bench_config(cfg, num_actors=1)
     out = {}
-    with PPOTrainer(cfg, progress=False) as tr:
+    with _trainer(cfg, trainer, num_actors=1) as tr:
+        cfg = tr.cfg
+        while len(tr.generators) > sizes[0]:
+            tr.remove_rollout_actor()
         tr.step()  # warm-up
         for n in sizes:
             while len(tr.generators) < n:

@@ -56,7 +56,8 @@ def _one(cfg) -> dict[str, Any]:
         cpu["driver"] = sum(me.cpu_times()[:2]) - cpu0
         out = {"startup_s": wall, "parts": tr.startup_parts, "cpu_s_by_process": cpu,
                "cpu_s_total": sum(cpu.values())}
-    ray.shutdown()  # the next variant starts its own head, as a run does
+    if tr.how_connected.startswith("started"):
+        ray.shutdown()  # the next variant starts its own head, as a run does (a joined cluster stays)
     return out
 
 

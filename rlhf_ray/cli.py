@@ -222,22 +222,38 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
 
 
 def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
-    import importlib
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "common.py").is_file():
         print(f"rlhf-ray bench: the benchmarks/ folder of the repository is not at {root}", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(root))
+    run_bench(cfg, args)
+    return 0
+
+
+def run_bench(cfg: Config, args: argparse.Namespace, trainer=None):
+    """Run benchmark ``args.name``, write its JSON and print its table; returns the JSON's path.
+    ``trainer``: a live ``PPOTrainer`` to measure instead of starting one (step, memory and
+    scaling, which measure PPO steps; the test suite passes its shared trainer), whose config
+    the result then records."""
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     module, fn = BENCHMARKS[args.name]
-    params, results, text = getattr(importlib.import_module(f"benchmarks.{module}"), fn)(cfg, args)
+    bench = getattr(importlib.import_module(f"benchmarks.{module}"), fn)
+    if trainer is not None:
+        params, results, text = bench(trainer.cfg, args, trainer=trainer)
+        cfg = trainer.cfg
+    else:
+        params, results, text = bench(cfg, args)
     common = importlib.import_module("benchmarks.common")
     path = common.write_result(args.name, cfg, params, results, text, out_dir=args.out,
                                extra_versions=results.pop("_extra_versions", ()))
     print(text)
     print(f"\nresults: {path}")
-    return 0
+    return path
 
 
 def _print_step_table(records: list[dict], max_rows: int = 20) -> None:

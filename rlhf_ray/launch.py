@@ -63,13 +63,25 @@ def connect(cfg: Config) -> str:
             _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
         return f"joined {address}"
+    return start_local_head(cfg)
+
+
+def start_local_head(cfg: Config, num_cpus: Optional[float] = None, **ray_options: Any) -> str:
+    """Start a Ray head of this process's own and connect to it: what a run does when it has no
+    cluster to join, and what the test suite does once per session so that every trainer and
+    stage attaches to one head (``ray_options``: its own temp dir and free ports). The driver
+    that started it stops it with ``ray.shutdown()``; no other Ray process on the machine is
+    touched. Returns a description for the start-up line."""
+    import ray
+
     auth = _local_auth(cfg.cluster.local_auth)
     # address="local": a head of our own even when another local cluster is running. The
     # dashboard (which also accepts job submissions) listens on cluster.dashboard_host only.
     # log_to_driver=False: the roles write to <run>/logs (logs.redirect_output); Ray's own
     # actors (Ray Train's controller) keep their lines in its session logs (<run>/logs/ray).
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True, log_to_driver=False,
-             dashboard_host=cfg.cluster.dashboard_host, runtime_env={"env_vars": dict(ROLE_ENV)})
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus if num_cpus is None else num_cpus,
+             include_dashboard=True, log_to_driver=False, dashboard_host=cfg.cluster.dashboard_host,
+             runtime_env={"env_vars": dict(ROLE_ENV)}, **ray_options)
     return f"started a local head (dashboard on {cfg.cluster.dashboard_host}; {auth})"
 
 
@@ -338,6 +350,7 @@ class LearnerGroup:
             pass
         self.restarts -= 1  # the first start is not a restart (a failed start-up is)
         self.initial_adapter_ref = self._first_adapter
+        self.initial_value_head = self._first_value_head  # {} without a critic
         self._ray = ray
 
     def _fit(self, trainer) -> None:
@@ -394,6 +407,7 @@ class LearnerGroup:
         self._fresh[rank] = payload["inbox"]
         if rank == 0:
             self._first_adapter = payload["adapter"][0]
+            self._first_value_head = payload.get("value_head") or {}
         if len(self._fresh) == self.world:
             self.inboxes = [self._fresh[r] for r in range(self.world)]
             self.group, self._fresh, self._fresh_group = self._fresh_group, {}, None

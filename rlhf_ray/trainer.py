@@ -159,7 +159,8 @@ class PPOTrainer:
             with clock.stage("learner"):
                 self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
                 self.version = 0
-                self.value_head: dict[str, torch.Tensor] = {}
+                # The learner's own first head, so that a checkpoint before the first update restores.
+                self.value_head: dict[str, torch.Tensor] = dict(self.learner.initial_value_head)
                 first_adapter = _own(self.learner.initial_adapter_ref)
                 if self.resumed_from is not None:
                     # The generators serve the checkpoint's adapter before the first rollout.
@@ -238,8 +239,8 @@ class PPOTrainer:
         self._resume_pending = [(int(step), [int(j) for j in idx]) for step, idx in state.get("pending", [])]
         self._rng.setstate(random_state_from_json(state["rng"]))
         self.bad_steps.in_row, self.bad_steps.total = int(state["bad_steps_in_row"]), int(state["bad_steps_total"])
-        if state.get("eval_before"):
-            self.evals["before"] = state["eval_before"]
+        # The evaluations of the steps given up are gone with them.
+        self.evals = {"before": state["eval_before"]} if state.get("eval_before") else {}
         self.previous_records = metrics_prefix(self.run_dir / "metrics.jsonl", int(state["metrics_lines"]))
 
     def save_checkpoint(self) -> Path:
@@ -317,14 +318,22 @@ class PPOTrainer:
         if path is None:
             raise RoleFailed("learner", f"{why}, but there is no checkpoint to continue from "
                              "(set checkpoint.every)") from why
+        ck = self.restore_checkpoint(path)
+        log.warning("%s; continuing from %s (step %d)", why, ck.path, ck.step)
+
+    def restore_checkpoint(self, path: Path) -> Checkpoint:
+        """Go back to a checkpoint of this run with the live actors (no new engines or learner):
+        learner weights, optimizer and RNGs, the driver's step, order and KL coefficient, the
+        metrics and trackers cut back to its step, and every generator serving its adapter."""
         ck = load_checkpoint(path)
+        check_compatible(ck, self.fingerprint)
         adapter_ref = self._restore_learner(ck)
         self.metrics.close()
         self._restore_driver(ck.state)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
         self.trackers.rewind(ck.step)
         self.fleet.publish(adapter_ref)
-        log.warning("%s; continuing from %s (step %d)", why, ck.path, ck.step)
+        return ck
 
     def _fill_pipeline(self) -> None:
         """Rollouts sent for this step and the next ``rollout.max_staleness``: a step's rollout

@@ -1,6 +1,11 @@
-"""Session fixtures: the tiny model is built once and vLLM engines start once per session,
-because engine start-up and LoRA warm-up cost tens of seconds on 2 cores."""
+"""Session fixtures: one Ray head, the tiny model, one SFT model and one reward model per
+session, because each costs tens of seconds on 2 cores; and the two test tiers (see
+``tier_guard``): tests marked ``integration`` get the session's Ray head, the others must not
+start Ray or vLLM."""
 import os
+import shutil
+import socket
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +16,42 @@ from rlhf_ray.config import load_config
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins = ["durations", "tier_guard"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tiny_cfg):
+    """One local Ray head for every test that can share it: free ports (the GCS and the other
+    services take ports the OS gives; the dashboard one found here), its own temp dir, started
+    and stopped by this fixture alone (``ray.shutdown()`` of the driver that started it).
+    Trainers and stages attach to it (launch.connect: "already connected") and leave it running;
+    tests that need a cluster of their own (job submit, the two-node rehearsal, a head with
+    other settings) start one and say why. ``how``: what the head said it did (its auth)."""
+    import types
+
+    import ray
+
+    from rlhf_ray.launch import start_local_head
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray was started before the session head: a fixture that uses Ray must "
+                           "depend on ray_head (or its test be marked integration)")
+    temp = tempfile.mkdtemp(prefix="rr-test-", dir="/tmp")  # short: Ray's socket paths stay < 108 chars
+    # 8 logical CPUs: bookkeeping for a module's trainer (2.25) beside an extra learner group.
+    how = start_local_head(tiny_cfg, num_cpus=8, _temp_dir=temp, dashboard_port=_free_port())
+    try:
+        yield types.SimpleNamespace(how=how, temp_dir=temp,
+                                    address=ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +91,7 @@ def vllm_engine(tiny_cfg, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def make_cfg(tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory):
+def make_cfg(ray_head, tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory):
     """Tiny config for PPO on the session's (un-fine-tuned) model and untrained reward model,
     a fresh output dir, small batches and a small held-out evaluation, plus overrides."""
     def make(*overrides):
@@ -63,7 +104,7 @@ def make_cfg(tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sft_model_dir(tiny_cfg, tmp_path_factory):
+def sft_model_dir(ray_head, tiny_cfg, tmp_path_factory):
     """The tiny model fine-tuned on the generated review task (a few seconds): a policy that
     writes task text, so a reward on that text has something to move."""
     from rlhf_ray.stages.sft import run_sft
@@ -72,3 +113,36 @@ def sft_model_dir(tiny_cfg, tmp_path_factory):
         f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={tmp_path_factory.mktemp('sft')}",
         "sft.num_examples=800", "sft.epochs=3"])
     return run_sft(cfg, progress=False)["output"]
+
+
+@pytest.fixture(scope="session")
+def shared_trainer(make_cfg):
+    """One PPOTrainer for the tests that only run a few steps on the default settings and inspect
+    them (the synchronous loop written out, the reference actor, the step, memory and scaling
+    benchmarks): 2 generators, 1 learner worker, the reference in an actor of its own, the untrained
+    reward model. Its engines and learner start once; every user gets it through ``fresh_trainer``."""
+    from rlhf_ray.trainer import PPOTrainer
+
+    cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=1", "reference.mode=actor",
+                   "rollout.max_staleness=0", "checkpoint.keep=100", "output.name=shared")
+    tr = PPOTrainer(cfg, progress=False)
+    try:
+        tr.first_checkpoint = tr.save_checkpoint()  # step 0, adapter version 0
+        yield tr
+    finally:
+        tr.close()
+
+
+@pytest.fixture
+def fresh_trainer(shared_trainer):
+    """The shared trainer as new: back at its step-0 checkpoint (adapter version 0, the identity;
+    optimizer and RNGs as they started; what a resume does, on the live actors), with its two
+    generators, whatever the test before did."""
+    tr = shared_trainer
+    while len(tr.generators) > 2:
+        tr.remove_rollout_actor()
+    while len(tr.generators) < 2:
+        tr.add_rollout_actor()
+    tr.restore_checkpoint(tr.first_checkpoint)
+    assert (tr.step_index, tr.version) == (0, 0)
+    return tr

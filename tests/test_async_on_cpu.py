@@ -15,42 +15,36 @@ pytestmark = pytest.mark.integration
 BASE = ("rollout.num_actors=2", "learner.num_workers=1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_down():
-    yield
-    ray.shutdown()
-
-
 def _adapter(tr) -> dict[str, torch.Tensor]:
     return dict(ray.get(tr.latest_adapter).tensors)
 
 
-def test_staleness_zero_is_the_synchronous_loop(make_cfg):
-    with PPOTrainer(make_cfg(*BASE, "rollout.max_staleness=0"), progress=False) as tr:
-        first = tr.step()
-        start = tr.save_checkpoint()  # after step 0, to run the same three steps twice
-        recs = [first] + [tr.step() for _ in range(3)]
-        assert [r["staleness"] for r in recs] == [{"0": 8}] * 4 and [r["dropped_stale"] for r in recs] == [0] * 4
-        assert not tr._pending  # nothing is sent ahead
-        piped = _adapter(tr)
+def test_staleness_zero_is_the_synchronous_loop(fresh_trainer):
+    tr = fresh_trainer  # rollout.max_staleness=0, 2 generators, 1 learner worker
+    first = tr.step()
+    start = tr.save_checkpoint()  # after step 0, to run the same three steps twice
+    recs = [first] + [tr.step() for _ in range(3)]
+    assert [r["staleness"] for r in recs] == [{"0": 8}] * 4 and [r["dropped_stale"] for r in recs] == [0] * 4
+    assert not tr._pending  # nothing is sent ahead
+    piped = _adapter(tr)
 
-        # The same steps written out as the synchronous algorithm: generate, make, update, publish.
-        ck = load_checkpoint(start)
-        tr.fleet.publish(tr._restore_learner(ck))
-        tr._restore_driver(ck.state)
-        for _ in range(3):
-            idx = tr._next_prompts()
-            seeds = [request_seed(tr.cfg.rollout.seed, tr.step_index, j) for j in range(len(idx))]
-            samples = tr.fleet.generate([tr.prompt_ids[j] for j in idx], [tr.prompt_texts[j] for j in idx],
-                                        n=tr.cfg.rollout.samples_per_prompt, seeds=seeds)
-            kl_coef = tr.kl_ctl.value
-            exp = tr.maker.make(samples, kl_coef, StageTimer())
-            updated = tr.learner.update(ray.put(exp.batch), tr.version + 1, kl_coef)
-            tr.fleet.publish(_own(updated[0]["adapter"][0]))
-            tr.version += 1
-            tr.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
-            tr.step_index += 1
-        by_hand = _adapter(tr)
+    # The same steps written out as the synchronous algorithm: generate, make, update, publish.
+    ck = load_checkpoint(start)
+    tr.fleet.publish(tr._restore_learner(ck))
+    tr._restore_driver(ck.state)
+    for _ in range(3):
+        idx = tr._next_prompts()
+        seeds = [request_seed(tr.cfg.rollout.seed, tr.step_index, j) for j in range(len(idx))]
+        samples = tr.fleet.generate([tr.prompt_ids[j] for j in idx], [tr.prompt_texts[j] for j in idx],
+                                    n=tr.cfg.rollout.samples_per_prompt, seeds=seeds)
+        kl_coef = tr.kl_ctl.value
+        exp = tr.maker.make(samples, kl_coef, StageTimer())
+        updated = tr.learner.update(ray.put(exp.batch), tr.version + 1, kl_coef)
+        tr.fleet.publish(_own(updated[0]["adapter"][0]))
+        tr.version += 1
+        tr.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
+        tr.step_index += 1
+    by_hand = _adapter(tr)
     assert piped.keys() == by_hand.keys()
     assert all(torch.equal(piped[k], by_hand[k]) for k in piped)
 

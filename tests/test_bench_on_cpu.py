@@ -1,9 +1,15 @@
 """Every benchmark runs on a tiny setting and writes well-formed JSON. These check that the
-benchmarks work, not how fast anything is: the figures live in benchmarks/results and the README."""
+benchmarks work, not how fast anything is: the figures come from `rlhf-ray bench` and live in
+benchmarks/results and BENCHMARKS.md. They reuse what the session built: its Ray head, and for
+the benchmarks that measure PPO steps (step, memory, scaling) its shared trainer, whose engines
+and learner are already warm. One runs as the subcommand a user types, joining the session's
+head; the others call the same code (cli.run_bench) in this process."""
 import json
 
 import pytest
 
+from rlhf_ray.cli import build_parser, run_bench
+from rlhf_ray.config import load_config
 from test_cli_on_cpu import TINY, rlhf_ray
 
 pytestmark = pytest.mark.integration
@@ -18,20 +24,49 @@ TINY_ARGS = {
     "startup": ["--repeats", "1", "--variants", "in-process"],
     "learner-memory": ["--no-mid-size", "--rows", "4", "--seq-len", "64"],
 }
+ON_THE_SHARED_TRAINER = ("step", "memory", "scaling")
 
 
-@pytest.mark.parametrize("name", list(TINY_ARGS))
-def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
+def _in_process(name, tmp_path, *overrides, trainer=None):
+    args, extra = build_parser().parse_known_args(["bench", name, "--out", str(tmp_path / "results"),
+                                                   *TINY_ARGS[name], *overrides])
+    cfg = load_config(TINY, [*args.overrides, *extra])
+    return json.loads(run_bench(cfg, args, trainer=trainer).read_text())
+
+
+def test_rollout_benchmark_runs_as_the_subcommand_on_the_sessions_head(tmp_path, tiny_model_dir, ray_head):
     out = tmp_path / "results"
-    r = rlhf_ray("bench", name, "--config", TINY, "--out", str(out), f"model.path={tiny_model_dir}",
-                 f"output.dir={tmp_path}", "ppo.batch_size=8", "learner.minibatch_size=4", *TINY_ARGS[name],
-                 timeout=900)
+    r = rlhf_ray("bench", "rollout", "--config", TINY, "--out", str(out), f"model.path={tiny_model_dir}",
+                 f"output.dir={tmp_path}", *TINY_ARGS["rollout"], timeout=900,
+                 env={"RAY_ADDRESS": ray_head.address})
     assert r.returncode == 0, r.stderr[-4000:]
-    doc = json.loads((out / f"{name}.json").read_text())
-    assert doc["benchmark"] == name and doc["table"] in r.stdout
+    doc = json.loads((out / "rollout.json").read_text())
+    assert doc["table"] in r.stdout and doc["config"]["model"]["path"] == tiny_model_dir
+    _check("rollout", doc)
+
+
+@pytest.mark.parametrize("name", ON_THE_SHARED_TRAINER)
+def test_step_benchmarks_measure_the_shared_trainer(name, fresh_trainer, tmp_path, capsys):
+    doc = _in_process(name, tmp_path, trainer=fresh_trainer)
+    assert doc["table"] in capsys.readouterr().out
+    assert doc["config"]["output"]["name"] == fresh_trainer.cfg.output.name  # the trainer's config is recorded
+    _check(name, doc, trainer=fresh_trainer)
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY_ARGS) - set(ON_THE_SHARED_TRAINER) - {"rollout"}))
+def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir, capsys):
+    doc = _in_process(name, tmp_path, f"model.path={tiny_model_dir}", f"output.dir={tmp_path}",
+                      "ppo.batch_size=8", "learner.minibatch_size=4")
+    assert doc["table"] in capsys.readouterr().out
+    assert doc["config"]["model"]["path"] == tiny_model_dir
+    _check(name, doc)
+
+
+def _check(name, doc, trainer=None):
+    assert doc["benchmark"] == name
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["memory_gib"] > 0
     assert {"torch", "ray", "peft", "transformers"} <= set(doc["versions"]) and doc["versions"]["torch"]
-    assert doc["config"]["model"]["path"] == tiny_model_dir and doc["git_commit"]
+    assert doc["git_commit"]
     res = doc["results"]
     for target in res.get("targets", {}).values():  # each target says its value, goal and verdict
         assert {"value", "goal", "met"} <= set(target)
@@ -44,8 +79,11 @@ def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir):
         assert set(res["compute_s_mean"]) == {"generate", "reward", "reference", "advantages", "train", "publish"}
         assert 0.0 <= res["overhead_frac_mean"] < 1.0
     elif name == "memory":
-        assert {"rollout-0", "rollout-1", "reward", "learner-0", "learner-1"} <= set(res["per_actor"])
-        assert all(res["per_actor"][a]["planned_bytes"] > 0 for a in ("rollout-0", "reward", "learner-0"))
+        # Every actor of the trainer, each with the planner's estimate beside its peak.
+        actors = {name for name, _ in trainer.generators} | {"reward", "reference", "learner-0"}
+        assert actors <= set(res["per_actor"]), sorted(res["per_actor"])
+        first = trainer.generators[0][0]
+        assert all(res["per_actor"][a]["planned_bytes"] > 0 for a in (first, "reward", "learner-0"))
     elif name == "scaling":
         assert set(res["by_rollout_actors"]) == {"1", "2"}
     elif name == "learner-memory":

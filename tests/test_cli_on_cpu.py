@@ -10,10 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
 
 
-def rlhf_ray(*args, timeout=300):
+def rlhf_ray(*args, timeout=300, env=None):
+    """The console script as a user runs it. It starts a Ray head of its own where it needs one
+    (``env={"RAY_ADDRESS": ...}`` makes it join the session's instead)."""
     exe = Path(sys.executable).with_name("rlhf-ray")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def test_help_lists_commands():

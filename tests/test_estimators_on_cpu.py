@@ -2,7 +2,6 @@
 loss term (k3), clip-higher and DAPO-style options learns in the right direction, builds no
 value head, and reports the KL term the learner applied."""
 import pytest
-import ray
 
 from rlhf_ray.trainer import PPOTrainer
 
@@ -21,7 +20,6 @@ def records_and_trainer(make_cfg, sft_model_dir):
     with PPOTrainer(cfg, progress=False) as tr:
         records = tr.run(steps=STEPS)
         yield records, tr
-    ray.shutdown()
 
 
 def test_grpo_reward_rises_in_the_right_direction(records_and_trainer):

@@ -27,7 +27,6 @@ def trainer(make_cfg):
     tr = PPOTrainer(cfg, progress=False)
     yield tr
     tr.close()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +165,16 @@ def test_rollout_fleet_scales_between_steps(trainer, records):
     assert r2["logprob_gap"] < 1e-4
 
 
-def test_local_head_dashboard_is_local_and_ray_asks_for_a_token(trainer, tmp_path):
-    """The head this trainer started: its dashboard (which takes job submissions) listens on
-    127.0.0.1 only, and a process without the auth token cannot join it."""
+def test_local_head_dashboard_is_local_and_ray_asks_for_a_token(trainer, ray_head, tmp_path):
+    """A local head as a run starts it (launch.start_local_head, which started the session's head
+    this trainer attached to): its dashboard (which takes job submissions) listens on 127.0.0.1
+    only, and a process without the auth token cannot join it."""
     import subprocess
     import sys
 
     info = ray._private.worker.global_worker.node.address_info
     assert info["webui_url"].split(":")[0] == "127.0.0.1"
-    assert "token authentication" in trainer.how_connected
+    assert trainer.how_connected == "already connected" and "token authentication" in ray_head.how
     join = [sys.executable, "-c", f"import ray; ray.init(address={info['gcs_address']!r}); print('JOINED')"]
     insider = subprocess.run(join, capture_output=True, text=True, timeout=300)  # has the token
     assert "JOINED" in insider.stdout, insider.stderr[-2000:]

@@ -1,24 +1,19 @@
 """reference.mode=actor: the frozen base in its own Ray actor gives the same reference
-log-probs as the learner's base with the adapter disabled, and a crashed one is restarted."""
+log-probs as the learner's base with the adapter disabled, and a crashed one is restarted.
+On the session's shared trainer (conftest.py), which runs its reference in an actor."""
 import pytest
 import ray
-
-from rlhf_ray.trainer import PPOTrainer
 
 pytestmark = pytest.mark.integration
 
 
-def test_reference_actor_matches_policy_before_any_update(make_cfg):
-    cfg = make_cfg("reference.mode=actor", "rollout.num_actors=1", "learner.num_workers=1")
-    try:
-        with PPOTrainer(cfg, progress=False) as tr:
-            assert tr.reference is not None
-            r0, r1 = tr.run(steps=2)
-            # A crash: Ray starts the actor again (cluster.max_role_restarts) and the call is retried.
-            ray.kill(tr.reference, no_restart=False)
-            r2 = tr.step()
-    finally:
-        ray.shutdown()
+def test_reference_actor_matches_policy_before_any_update(fresh_trainer):
+    tr = fresh_trainer
+    assert tr.cfg.reference.mode == "actor" and tr.reference is not None
+    r0, r1 = tr.run(steps=2)
+    # A crash: Ray starts the actor again (cluster.max_role_restarts) and the call is retried.
+    ray.kill(tr.reference, no_restart=False)
+    r2 = tr.step()
     # Version 0 is the identity adapter: policy == reference, so the KL is ~0 ...
     assert r0["policy_ref_gap"] < 1e-5 and abs(r0["kl_per_seq"]) < 1e-4
     # ... and after one update they differ.

@@ -89,7 +89,7 @@ class LearnerCore:
         all ranks, and each rank's loss is multiplied by ``world`` because DDP averages the
         gradients: 1 worker and N workers then make the same update on the same data.
         """
-        cfg, lc = self.cfg.ppo, self.cfg.learner
+        lc = self.cfg.learner
         self.module.train()
         from ..models.policy import disable_dropout
 
@@ -105,40 +105,10 @@ class LearnerCore:
         for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
             for start in range(0, n, lc.minibatch_size):
-                rows = perm[start:start + lc.minibatch_size]
-                total_tokens = float(batch.action_mask[rows].sum())
-                agg = Aggregation(self.cfg.loss_agg, tokens=total_tokens,
-                                  rows=float(batch.action_mask[rows].bool().any(dim=1).sum()),
-                                  horizon=self.cfg.rollout.max_new_tokens)
-                mine = rows[self.rank::self.world]
-                micro = [mine[i:i + lc.micro_batch_size] for i in range(0, len(mine), lc.micro_batch_size)]
                 self.optimizer.zero_grad(set_to_none=True)
-                for j, mrows in enumerate(micro):
-                    m = batch.select(mrows).trimmed().to(self.device)
-                    sync = j == len(micro) - 1 or self.model is self.module
-                    with (contextlib.nullcontext() if sync else self.model.no_sync()):
-                        logprobs, values, entropy = self.model(
-                            m.input_ids, m.attention_mask, m.action_mask,
-                            with_entropy=True, grad_entropy=cfg.entropy_coef > 0)
-                        loss, parts = ppo_loss(
-                            logprobs, m.old_logprobs, m.advantages, values, m.old_values, m.returns,
-                            m.action_mask, entropy=entropy, clip_eps=cfg.clip_eps,
-                            value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
-                            entropy_coef=cfg.entropy_coef, agg=agg, clip_eps_high=cfg.clip_eps_high,
-                            ratio_level=cfg.ratio_level, ref_logprobs=m.ref_logprobs,
-                            kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator,
-                            is_weights=m.is_weights)
-                        (loss * self.world).backward()
-                    # Each micro-batch's parts are its share of the minibatch mean; x world so
-                    # that the driver's average over ranks is the minibatch's value.
-                    for k, v in {**parts, "loss": loss.detach()}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * self.world
-                    if epoch == lc.epochs - 1:
-                        # How far this update moved the policy from the version that generated
-                        # the data: a stale generator would show a log-prob gap of about this size.
-                        shift += float(masked_mean((logprobs.detach() - m.old_logprobs).abs(), m.action_mask)
-                                       * m.action_mask.sum())
-                        shift_tokens += float(m.action_mask.sum())
+                s, t = self.minibatch_backward(batch, perm[start:start + lc.minibatch_size], kl_coef, sums)
+                if epoch == lc.epochs - 1:
+                    shift, shift_tokens = shift + s, shift_tokens + t
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     # NaN/inf anywhere in the minibatch reaches every rank through the all-reduce,
@@ -163,6 +133,50 @@ class LearnerCore:
         stats["logprob_shift"] = shift / max(shift_tokens, 1.0)
         stats["param_checksum"] = self.param_checksum()
         return stats
+
+    def minibatch_backward(self, batch: TokenBatch, rows: torch.Tensor, kl_coef: float = 0.0,
+                           sums: Optional[dict[str, float]] = None) -> tuple[float, float]:
+        """Forward and backward of this rank's share (every ``world``-th row) of one minibatch
+        ``rows`` of ``batch``, gradients added to ``.grad``; no optimizer step. The loss parts
+        are added to ``sums`` (x ``world``, so that the driver's mean over ranks is the
+        minibatch's value). Returns (summed |log-prob - old log-prob| over this share's
+        response tokens, their count): how far the update has moved the policy so far.
+
+        Token means divide by the minibatch's token count over all ranks and each rank's loss
+        is multiplied by ``world`` because DDP averages the gradients, so the gradient summed
+        over ranks / ``world`` is the whole minibatch's gradient in one process.
+        """
+        cfg, lc = self.cfg.ppo, self.cfg.learner
+        sums = {} if sums is None else sums
+        total_tokens = float(batch.action_mask[rows].sum())
+        agg = Aggregation(self.cfg.loss_agg, tokens=total_tokens,
+                          rows=float(batch.action_mask[rows].bool().any(dim=1).sum()),
+                          horizon=self.cfg.rollout.max_new_tokens)
+        mine = rows[self.rank::self.world]
+        micro = [mine[i:i + lc.micro_batch_size] for i in range(0, len(mine), lc.micro_batch_size)]
+        shift, shift_tokens = 0.0, 0.0
+        for j, mrows in enumerate(micro):
+            m = batch.select(mrows).trimmed().to(self.device)
+            sync = j == len(micro) - 1 or self.model is self.module
+            with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                logprobs, values, entropy = self.model(
+                    m.input_ids, m.attention_mask, m.action_mask,
+                    with_entropy=True, grad_entropy=cfg.entropy_coef > 0)
+                loss, parts = ppo_loss(
+                    logprobs, m.old_logprobs, m.advantages, values, m.old_values, m.returns,
+                    m.action_mask, entropy=entropy, clip_eps=cfg.clip_eps,
+                    value_clip_eps=cfg.value_clip_eps, vf_coef=cfg.vf_coef,
+                    entropy_coef=cfg.entropy_coef, agg=agg, clip_eps_high=cfg.clip_eps_high,
+                    ratio_level=cfg.ratio_level, ref_logprobs=m.ref_logprobs,
+                    kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator,
+                    is_weights=m.is_weights)
+                (loss * self.world).backward()
+            for k, v in {**parts, "loss": loss.detach()}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * self.world
+            shift += float(masked_mean((logprobs.detach() - m.old_logprobs).abs(), m.action_mask)
+                           * m.action_mask.sum())
+            shift_tokens += float(m.action_mask.sum())
+        return shift, shift_tokens
 
     def adapter(self, version: int) -> AdapterVersion:
         return extract_adapter(self.module.policy, version)
@@ -235,7 +249,8 @@ def train_loop(config: dict[str, Any]) -> None:
             core.model = data_parallel(core.module)
         group = _group_id(world, core.device)
         outbox.put(("ready", None, rank, {"inbox": inbox, "group": group,
-                                          "adapter": [ray.put(core.adapter(0))] if rank == 0 else None}))
+                                          "adapter": [ray.put(core.adapter(0))] if rank == 0 else None,
+                                          "value_head": core.value_head_state() if rank == 0 else None}))
         while True:
             msg = inbox.get(block=True)
             kind = msg[0]

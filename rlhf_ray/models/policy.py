@@ -98,6 +98,11 @@ def response_logprobs(
         ents.append(ent)
     shape = action_mask.shape
     zeros = torch.zeros(shape, dtype=torch.float32, device=hidden.device)
+    if not lps:
+        # No response token here (a micro-batch of rows left out by ppo.truncated=mask): still a
+        # graph back to the adapter, with zero gradients, so backward() works without a value
+        # head and every DDP rank joins the all-reduce.
+        zeros = zeros + hidden[:, :0].sum()
     logprobs = zeros.index_put((where,), torch.cat(lps)) if lps else zeros
     entropy = None
     if with_entropy:

@@ -1,0 +1,49 @@
+"""A pytest plugin that writes every test's set-up, call and tear-down seconds to
+``runs/test-durations.{json,md}`` (``TEST_DURATIONS=path-stem`` moves them), slowest first.
+Set-up is where the shared fixtures (Ray head, trainers, engines) are paid for, so the table
+shows start-up apart from the steps and checks a test runs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+_times: dict[str, dict[str, float]] = {}
+_outcomes: dict[str, str] = {}
+_t0 = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    phases = _times.setdefault(report.nodeid, {"setup": 0.0, "call": 0.0, "teardown": 0.0})
+    phases[report.when] += report.duration
+    if report.when == "call" or report.outcome != "passed":
+        _outcomes[report.nodeid] = report.outcome
+
+
+def table(times: dict[str, dict[str, float]], limit: int | None = None) -> str:
+    rows = sorted(times.items(), key=lambda kv: -sum(kv[1].values()))[:limit]
+    lines = ["| test | total s | set-up | call | tear-down |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {sum(v.values()):.1f} | {v['setup']:.1f} | {v['call']:.1f} | {v['teardown']:.1f} |"
+              for k, v in rows]
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _times or getattr(session.config, "workerinput", None) is not None:
+        return
+    stem = Path(os.environ.get("TEST_DURATIONS", "runs/test-durations"))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    wall = time.monotonic() - _t0
+    by_file: dict[str, float] = {}
+    for k, v in _times.items():
+        by_file[k.split("::")[0]] = by_file.get(k.split("::")[0], 0.0) + sum(v.values())
+    doc = {"wall_s": round(wall, 1), "tests": len(_times), "exit_status": int(exitstatus),
+           "by_file_s": {k: round(v, 1) for k, v in sorted(by_file.items(), key=lambda kv: -kv[1])},
+           "tests_s": {k: {p: round(s, 2) for p, s in v.items()} | {"outcome": _outcomes.get(k, "?")}
+                       for k, v in sorted(_times.items(), key=lambda kv: -sum(kv[1].values()))}}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    files = "\n".join(f"| {k} | {v:.1f} |" for k, v in doc["by_file_s"].items())
+    stem.with_suffix(".md").write_text(
+        f"# Test durations\n\n{len(_times)} tests, {wall:.0f} s wall.\n\n| file | s |\n|---|---|\n{files}\n\n"
+        f"{table(_times)}\n")
