@@ -104,15 +104,22 @@ def make_cfg(ray_head, tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def sft_model_dir(ray_head, tiny_cfg, tmp_path_factory):
-    """The tiny model fine-tuned on the generated review task (a few seconds): a policy that
-    writes task text, so a reward on that text has something to move."""
+def sft_run(ray_head, tiny_cfg, tmp_path_factory):
+    """The SFT stage run once per session: (config, summary). The tiny model fine-tuned on the
+    generated review task, which test_stages_on_cpu.py checks and trains its reward model on
+    (the rm.* sizes are that test's)."""
     from rlhf_ray.stages.sft import run_sft
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
         f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={tmp_path_factory.mktemp('sft')}",
-        "sft.num_examples=800", "sft.epochs=3"])
-    return run_sft(cfg, progress=False)["output"]
+        "sft.num_examples=800", "sft.epochs=3", "rm.num_pairs=256", "rm.epochs=2"])
+    return cfg, run_sft(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(sft_run):
+    """A policy that writes task text, so a reward on that text has something to move."""
+    return sft_run[1]["output"]
 
 
 @pytest.fixture(scope="session")

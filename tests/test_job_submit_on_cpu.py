@@ -19,7 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-pytestmark = pytest.mark.integration
+# A head of its own, started with `ray start --head` as on a real cluster, so that the job goes
+# through the dashboard's job server and its runtime env as a user's job does.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _env():
@@ -84,10 +86,10 @@ def ray_head():
         yield address
     finally:
         leftovers = _processes_of(temp)
-        head.terminate()  # the head's node handler drains and ends the processes it started
+        head.terminate()  # the head's node handler drains and ends the processes it started ...
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # ... in ~30 s; the test has its results, so end them now
             head.kill()
         for p in leftovers + _processes_of(temp):
             try:

@@ -36,6 +36,7 @@ def two_nodes():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a cluster of its own: two simulated nodes with logical GPUs, which the session's head has not
 def test_8x3090_config_rehearsed_on_two_nodes_of_four(two_nodes, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "rlhf_ray.cli", "run", "--rehearse", "--config",

@@ -21,13 +21,8 @@ def stage_cfg(tiny_cfg, tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="module")
-def sft_run(stage_cfg):
-    cfg = stage_cfg()
-    return cfg, run_sft(cfg, progress=False)
-
-
-def test_sft_learns_the_responses(sft_run):
+@pytest.mark.integration
+def test_sft_learns_the_responses(sft_run):  # the session's SFT run (conftest.py)
     cfg, s = sft_run
     # From a random model (ln 512 ~ 6.2 nats) to well under half of that on held-out records.
     assert s["heldout_loss_before"] > 5.5 and s["heldout_loss_after"] < 2.5
@@ -36,6 +31,7 @@ def test_sft_learns_the_responses(sft_run):
     assert policy_base(cfg) == s["output"]  # PPO picks the SFT model up as base and reference
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_the_objective_does_not_depend_on_the_worker_layout(stage_cfg, stage):
     """One worker taking whole batches against two gloo ranks in micro-batches of one row, with
@@ -59,6 +55,7 @@ def test_the_objective_does_not_depend_on_the_worker_layout(stage_cfg, stage):
         assert two["heldout_before"]["pairs"] == one["heldout_before"]["pairs"]
 
 
+@pytest.mark.integration
 def test_sft_lora_mode_saves_a_merged_model(stage_cfg, tiny_model_dir):
     from rlhf_ray.models import load_causal_lm
 
@@ -73,6 +70,7 @@ def test_sft_lora_mode_saves_a_merged_model(stage_cfg, tiny_model_dir):
     assert s["heldout_loss_after"] < s["heldout_loss_before"]
 
 
+@pytest.mark.integration
 def test_reward_model_ranks_held_out_pairs(sft_run):
     cfg, _ = sft_run
     s = run_train_rm(cfg, progress=False)
@@ -91,6 +89,7 @@ def test_reward_model_ranks_held_out_pairs(sft_run):
     assert good - bad > 1.0
 
 
+@pytest.mark.integration
 def test_reward_model_lora_mode_trains_the_score_head_too(sft_run, stage_cfg):
     cfg = stage_cfg(f"rm.output_dir={sft_run[0].output.run_dir / 'rm_lora'}", "rm.mode=lora", "rm.num_pairs=128",
                     "rm.lr=0.005", "rm.base=model")

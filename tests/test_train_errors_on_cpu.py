@@ -52,17 +52,22 @@ def test_lora_rank_above_engine_max():
     assert r.returncode == 2 and "lora.rank" in r.stderr and "max_lora_rank=16" in r.stderr
 
 
-def test_gpu_asked_for_on_a_cluster_without_one(ppo_args):
-    """Before any actor starts: the roles that want GPUs, against what the cluster has."""
-    r = rlhf_ray("train", *ppo_args, "learner.use_gpu=true", "rollout.num_gpus=1")
+@pytest.mark.integration
+def test_gpu_asked_for_on_a_cluster_without_one(ppo_args, ray_head):
+    """Before any actor starts: the roles that want GPUs, against what the cluster has (the
+    session's head, joined as a job joins a cluster)."""
+    r = rlhf_ray("train", *ppo_args, "learner.use_gpu=true", "rollout.num_gpus=1",
+                 env={"RAY_ADDRESS": ray_head.address})
     assert r.returncode == 1, r.stderr[-2000:]
     assert "the run asks for 4 GPUs (rollout.num_gpus=1 x 2, learner.use_gpu=true x 2)" in r.stderr
     assert "the Ray cluster has 0" in r.stderr
 
 
+@pytest.mark.integration
 def test_too_few_logical_cpus_fails_in_seconds(ppo_args):
     """Tried as a new user would: a 1-CPU head and the default roles used to wait until
-    cluster.call_timeout_s and then fail naming no cause."""
+    cluster.call_timeout_s and then fail naming no cause. A head of its own (cluster.num_cpus=1),
+    started by the subprocess as a run without a cluster starts one."""
     import time
 
     t = time.monotonic()

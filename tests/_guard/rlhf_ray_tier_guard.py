@@ -40,7 +40,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            module.init = _refuse_init
+            _patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -50,14 +50,18 @@ _finder = _Finder()
 _saved_init = None
 
 
-def install(test: str) -> None:
+def _patch(ray) -> None:
     global _saved_init
+    if getattr(ray, "init", None) is not _refuse_init:
+        _saved_init, ray.init = ray.init, _refuse_init
+
+
+def install(test: str) -> None:
     os.environ[ENV] = test
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
-    ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "init", None) is not _refuse_init:
-        _saved_init, ray.init = ray.init, _refuse_init
+    if sys.modules.get("ray") is not None:
+        _patch(sys.modules["ray"])
 
 
 def uninstall() -> None:
