@@ -453,3 +453,8 @@ class LearnerGroup:
                 except Exception:  # a dead worker's inbox; Ray Train ends the rest
                     pass
             self._thread.join(timeout=120)
+            if self._thread.is_alive():
+                log.warning("the learner's Ray Train run did not end within 120 s of 'stop'")
+        # The driver owns the outbox's actor: it would outlive the group in a process that runs
+        # several trainers (benchmarks, the test suite).
+        self.outbox.shutdown(force=True)
