@@ -32,7 +32,16 @@ def two_nodes():
         cluster.add_node(**node)
         yield cluster
     finally:
+        import ray
+        from ray.experimental import internal_kv
+
+        # Cluster.shutdown() also clears this process's internal-KV client and Ray address, which
+        # belong to the session's head (conftest.ray_head) that this process is connected to:
+        # without them Ray Train and the trainers still running on that head stall. Put them back.
+        kv = internal_kv.internal_kv_get_gcs_client()
         cluster.shutdown()
+        if ray.is_initialized() and kv is not None:
+            internal_kv._initialize_internal_kv(kv)
 
 
 @pytest.mark.integration
