@@ -122,12 +122,14 @@ def sft_model_dir(sft_run):
     return sft_run[1]["output"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_trainer(make_cfg):
-    """One PPOTrainer for the tests that only run a few steps on the default settings and inspect
-    them (the synchronous loop written out, the reference actor, the step, memory and scaling
-    benchmarks): 2 generators, 1 learner worker, the reference in an actor of its own, the untrained
-    reward model. Its engines and learner start once; every user gets it through ``fresh_trainer``."""
+    """One PPOTrainer per module for the tests that only run a few steps on the default settings and
+    inspect them (the synchronous loop written out, the reference actor, the step, memory and
+    scaling benchmarks): 2 generators, 1 learner worker, the reference in an actor of its own, the
+    untrained reward model. Its engines and learner start once a module; every user gets it through
+    ``fresh_trainer``. Not session-wide: an idle trainer's actors held the CPU and slowed every
+    later module (the two-node rehearsal 143 s -> 320 s, and 120 s to stop at the end)."""
     from rlhf_ray.trainer import PPOTrainer
 
     cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=1", "reference.mode=actor",
