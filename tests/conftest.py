@@ -1,5 +1,5 @@
-"""Session fixtures: one Ray head, the tiny model, one SFT model and one reward model per
-session, because each costs tens of seconds on 2 cores; and the two test tiers (see
+"""Session fixtures: one Ray head, the tiny model, one SFT run and an untrained reward model per
+session, and a warm trainer per module, because each costs tens of seconds on 2 cores; and the two test tiers (see
 ``tier_guard``): tests marked ``integration`` get the session's Ray head, the others must not
 start Ray or vLLM."""
 import os

@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 _times: dict[str, dict[str, float]] = {}
 _outcomes: dict[str, str] = {}
 _fixtures: dict[str, dict[str, float]] = {}  # shared (module/session) fixtures: their own set-up and tear-down
@@ -19,9 +21,6 @@ _t0 = time.monotonic()
 def _fixture_key(fixturedef, request) -> str:
     where = request.node.nodeid.split("::")[0] if fixturedef.scope == "module" else fixturedef.scope
     return f"{fixturedef.argname} ({where})"
-
-
-import pytest  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,7 +5,6 @@ import pytest
 import ray
 import torch
 
-from rlhf_ray.checkpoint import load_checkpoint
 from rlhf_ray.fleet import request_seed
 from rlhf_ray.telemetry import StageTimer
 from rlhf_ray.trainer import PPOTrainer, _own
@@ -29,9 +28,7 @@ def test_staleness_zero_is_the_synchronous_loop(fresh_trainer):
     piped = _adapter(tr)
 
     # The same steps written out as the synchronous algorithm: generate, make, update, publish.
-    ck = load_checkpoint(start)
-    tr.fleet.publish(tr._restore_learner(ck))
-    tr._restore_driver(ck.state)
+    tr.restore_checkpoint(start)
     for _ in range(3):
         idx = tr._next_prompts()
         seeds = [request_seed(tr.cfg.rollout.seed, tr.step_index, j) for j in range(len(idx))]

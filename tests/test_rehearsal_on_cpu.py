@@ -3,20 +3,15 @@ GPUs each (Ray's own cluster utilities: two raylets, two object stores), with a 
 the same family and every device forced to CPU: the real actors, resource requests,
 placement groups and Ray Train worker groups, and adapter publishing across nodes."""
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import _free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
