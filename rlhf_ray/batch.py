@@ -19,6 +19,8 @@ class Samples:
     prompt_index: list[int] = field(default_factory=list)  # which prompt of the step; a prompt's samples are adjacent
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+    columns: list[dict] = field(default_factory=list)  # the prompt record's other columns (answer, label...)
+    where: list[str] = field(default_factory=list)  # which record the prompt came from, for messages
     compute_s: float = 0.0  # time inside the engine; parts made in parallel keep the longest
 
     def __len__(self) -> int:

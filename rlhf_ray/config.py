@@ -77,12 +77,15 @@ class ModelConfig:
     tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
     tiny_vocab: int = 512
     tiny_max_positions: int = 256
+    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews or math (data.task's)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_vocab", "tiny_max_positions")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                f"must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        _check(self.tiny_corpus in ("reviews", "math"), "tiny_corpus",
+               f"must be 'reviews' or 'math', got {self.tiny_corpus!r}")
         _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
                f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
         _seed(self)
@@ -110,8 +113,10 @@ class LoraConfig:
 class DataConfig:
     """Prompts for PPO, and how every loader treats records. None = the generated task."""
 
-    prompts_path: Optional[str] = None  # JSONL/JSON file or `datasets` dir: `prompt`, or text + label
-    num_prompts: int = 256  # generated prompts; a file is capped at this many
+    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment) or math (GSM8K-shaped)
+    prompts_path: Optional[str] = None  # JSONL/JSON file, `datasets` dir or hub name: `prompt`, or text + label
+    num_prompts: int = 256  # how many prompts to generate (null prompts_path only)
+    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (None = all of it)
     max_prompt_tokens: int = 32  # longer prompts are cut or left out (over_long)
     on_bad_record: str = "skip"  # skip (count and report file:line) or error (stop at the first)
     text_field: Optional[str] = None  # classification sets: the text column; None = first of prompt/text/sentence/...
@@ -124,6 +129,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "max_prompt_tokens")
+        _cap(self, "max_prompts")
+        from .data.task import TASKS
+
+        _check(self.task in TASKS, "task", f"must be one of {list(TASKS)}, got {self.task!r}")
         _check(self.on_bad_record in ("skip", "error"), "on_bad_record",
                f"must be 'skip' or 'error', got {self.on_bad_record!r}")
         t = self.chat_template
@@ -134,6 +143,11 @@ class DataConfig:
         _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
                f"must be > 0 or null, got {self.prompt_words!r}")
         _seed(self)
+
+
+def _cap(obj: Any, name: str) -> None:
+    v = getattr(obj, name)
+    _check(v is None or v > 0, name, f"must be > 0 or null (no cap), got {v!r}")
 
 
 def _check_stage_workers(obj: Any) -> None:
@@ -151,7 +165,8 @@ class SFTConfig:
     """Supervised fine-tuning (`rlhf-ray sft`); its output becomes PPO's base and reference."""
 
     data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; None = the generated task
-    num_examples: int = 2000  # generated records; a file is capped at this many
+    num_examples: int = 2000  # how many records to generate (null data_path only)
+    max_examples: Optional[int] = None  # read at most this many records of data_path (None = all of it)
     mode: str = "full"  # full, or lora (the adapter is merged into the saved model)
     epochs: int = 2
     lr: float = 2e-3
@@ -168,6 +183,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
+        _cap(self, "max_examples")
         _check_stage_workers(self)
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
@@ -180,7 +196,8 @@ class RMConfig:
 
     data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir of chosen/rejected pairs
     eval_path: Optional[str] = None  # held-out pairs; None = eval_fraction of data_path (generated: held-out subjects)
-    num_pairs: int = 1000  # generated pairs; a file is capped at this many
+    num_pairs: int = 1000  # how many pairs to generate (null data_path only)
+    max_pairs: Optional[int] = None  # read at most this many records of data_path (None = all of it)
     base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
     mode: str = "full"  # full, or lora (adapter + score head merged into the saved model)
     use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
@@ -199,6 +216,7 @@ class RMConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
+        _cap(self, "max_pairs")
         _check_stage_workers(self)
         _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
         _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
@@ -210,13 +228,15 @@ class RMConfig:
 class EvalConfig:
     """The independent judge, run on held-out prompts before and after PPO."""
 
-    judge: str = "positive_sentiment"  # a rule-based judge from rlhf_ray.data.task.JUDGES, or none
+    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (an `answer` column), or none
     prompts_path: Optional[str] = None  # None = generated prompts from the held-out subjects
-    num_prompts: int = 128
+    num_prompts: int = 128  # how many held-out prompts to generate (null prompts_path only)
+    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (None = all of it)
     samples_per_prompt: int = 2
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "samples_per_prompt")
+        _cap(self, "max_prompts")
         from .data.task import JUDGES
 
         _check(self.judge in (*JUDGES, "none"), "judge", f"must be one of {[*JUDGES, 'none']}, got {self.judge!r}")
@@ -290,21 +310,60 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    """Reward model: a sequence-classification head with one output."""
+class RewardFunctionConfig:
+    """One of ``reward.functions``: a Python function scoring batches of responses."""
 
-    path: Optional[str] = None  # a reward model directory; None = the one `train-rm` wrote for this run
-    rule: Optional[str] = None  # a rule from rlhf_ray.rules.RULES instead of a model (tests, checkable tasks)
-    batch_size: int = 32
+    path: str = ""  # file.py:function (from the job's working directory) or package.module:function
+    weight: float = 1.0  # its factor in the weighted sum of reward components
+    name: Optional[str] = None  # its metrics key reward/<name>; None = the function's name
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """What scores a response: a reward model, a built-in rule, Python functions and a remote
+    scorer, as a weighted sum (rlhf_ray/rewards.py). With none of them set, the reward model
+    `train-rm` wrote for this run."""
+
+    path: Optional[str] = None  # a reward model directory or hub id; None = the run's own, unless others are set
+    model_weight: float = 1.0  # the reward model's factor in the sum
+    rule: Optional[str] = None  # a rule from rlhf_ray.rules.RULES (tests, checkable tasks)
+    functions: List[RewardFunctionConfig] = field(default_factory=list)  # [{path: file.py:fn, weight: 1.0, name: x}]
+    url: Optional[str] = None  # POST JSON batches here and read back scores (a reward served elsewhere)
+    url_weight: float = 1.0
+    timeout_s: float = 120.0  # per call of a function or of reward.url
+    retries: int = 3  # reward.url: attempts after the first (connection errors, timeouts, 5xx)
+    num_actors: int = 1  # reward actors; each step's samples are dealt among them
+    batch_size: int = 32  # reward-model forward rows
     num_cpus: float = 0.25
     num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size")
+        _positive(self, "batch_size", "timeout_s", "num_actors")
+        _nonnegative(self, "retries")
         from .rules import RULES
 
         _check(self.rule is None or self.rule in RULES, "rule", f"must be one of {sorted(RULES)} or null, got {self.rule!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
+        _check(self.url is None or self.url.startswith(("http://", "https://")), "url",
+               f"must be an http:// or https:// URL, got {self.url!r}")
+        names: list[str] = []
+        for i, f in enumerate(self.functions):
+            from .rewards import split_target
+
+            try:
+                _, fn = split_target(f.path)
+            except ValueError as e:
+                raise _FieldError(f"functions[{i}].path", str(e)) from None
+            _check(math.isfinite(f.weight), f"functions[{i}].weight", f"must be finite, got {f.weight!r}")
+            names.append(f.name or fn)
+        for i, name in enumerate(names):
+            _check(name not in names[:i] and name not in ("model", "remote", self.rule),
+                   f"functions[{i}].name", f"{name!r} names two reward components; give each function a name")
+
+    @property
+    def uses_model(self) -> bool:
+        """A reward model is loaded: reward.path is set, or nothing else scores."""
+        return self.path is not None or (self.rule is None and not self.functions and self.url is None)
 
 
 @dataclass(frozen=True)
@@ -577,6 +636,30 @@ def _list_keys(cls: type) -> set[str]:
     return {k for k, tp in hints.items() if is_list(tp) or any(map(is_list, typing.get_args(tp)))}
 
 
+def _record_item(cls: type, key: str) -> Optional[type]:
+    """The dataclass of a key that is a list of records (``reward.functions``), else None."""
+    tp = typing.get_type_hints(cls).get(key)
+    args = typing.get_args(tp) if typing.get_origin(tp) is list else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
+
+
+def _check_record(item: Any, cls: type, where: str, key: str) -> dict:
+    """One record of such a list: a mapping of the dataclass's keys, or text, which is its
+    first key (``- file.py:fn`` for ``- {path: file.py:fn}``)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    if isinstance(item, str):
+        return {known[0]: item}
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: {key}: must be a mapping of {', '.join(known)} (or text: the {known[0]}), "
+                          f"got {_kind(item)}")
+    for k, v in item.items():
+        _check_name(k, where, f"{key}.")
+        if k not in known:
+            raise ConfigError(f"{where}: {key}.{k}: unknown key; it has {', '.join(known)}")
+        _check_value(v, where, f"{key}.{k}")
+    return item
+
+
 def _kind(v: Any) -> str:
     if v is None:
         return "null"
@@ -632,7 +715,10 @@ def _check_layer(raw: Any, where: str, *, null_sections: bool) -> dict:
             dotted = f"{name}.{key}"
             if key not in known:
                 raise ConfigError(f"{where}: {dotted}: unknown key; {name} has {', '.join(known)}")
-            if key not in lists:
+            item_type = _record_item(sections[name], key)
+            if item_type is not None and isinstance(value, list):
+                body[key] = [_check_record(item, item_type, where, f"{dotted}[{i}]") for i, item in enumerate(value)]
+            elif key not in lists:
                 _check_value(value, where, dotted)
             elif isinstance(value, list):
                 for i, item in enumerate(value):

@@ -24,6 +24,8 @@ class PendingRollout:
     n: int
     seeds: Optional[list[int]]
     parts: list[tuple[str, Any, list[int]]] = field(default_factory=list)
+    columns: Optional[list[dict]] = None  # per prompt: its record's other columns, for the reward
+    where: Optional[list[str]] = None  # per prompt: the record it came from
 
     def send(self, handle, chunk: list[int]):
         return handle.generate.remote([self.prompt_ids[j] for j in chunk],
@@ -186,12 +188,14 @@ class RolloutFleet:
                 for name, ref, adapter in pending]
 
     def dispatch(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
-                 seeds: Optional[list[int]] = None) -> "PendingRollout":
+                 seeds: Optional[list[int]] = None, columns: Optional[list[dict]] = None,
+                 where: Optional[list[str]] = None) -> "PendingRollout":
         """Send the requests of :meth:`generate` without waiting (prompts dealt round-robin, a
-        prompt's samples on one engine); :meth:`collect` reads them."""
+        prompt's samples on one engine); :meth:`collect` reads them. ``columns``/``where``
+        stay here and are given to each prompt's samples."""
         k = len(self.members)
         chunks = [list(range(len(prompt_ids)))[i::k] for i in range(k)]
-        pending = PendingRollout(prompt_ids, prompt_texts, n, seeds, [])
+        pending = PendingRollout(prompt_ids, prompt_texts, n, seeds, [], columns, where)
         pending.parts = [(name, pending.send(h, c), c) for (name, h), c in zip(self.members, chunks) if c]
         if self.after_dispatch is not None:
             self.after_dispatch()
@@ -207,6 +211,8 @@ class RolloutFleet:
             part = self._call_or_replace(name, ref, lambda h, c=c: pending.send(h, c))
             part.prompt_index = [c[i] for i in part.prompt_index]
             part.prompts = [pending.prompt_texts[j] for j in part.prompt_index]
+            part.columns = [pending.columns[j] if pending.columns else {} for j in part.prompt_index]
+            part.where = [pending.where[j] if pending.where else f"prompt {j}" for j in part.prompt_index]
             parts.append(part)
         samples = Samples()
         for part in parts:
@@ -215,10 +221,11 @@ class RolloutFleet:
         return samples.reordered(order)
 
     def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
-                 seeds: Optional[list[int]] = None) -> Samples:
+                 seeds: Optional[list[int]] = None, columns: Optional[list[dict]] = None,
+                 where: Optional[list[str]] = None) -> Samples:
         """``n`` samples per prompt, prompts dealt round-robin (a prompt's samples stay on one
         engine), returned in prompt order with ``prompt_index`` into ``prompt_ids``."""
-        return self.collect(self.dispatch(prompt_ids, prompt_texts, n=n, seeds=seeds))
+        return self.collect(self.dispatch(prompt_ids, prompt_texts, n=n, seeds=seeds, columns=columns, where=where))
 
     def adapter_state(self) -> dict[str, dict]:
         refs = [(name, h.adapter_state.remote()) for name, h in self.members]

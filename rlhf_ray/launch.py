@@ -119,8 +119,8 @@ def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:
 
     add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_actors)
     add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_actors)
-    add("CPU", f"reward.num_cpus={cfg.reward.num_cpus:g}", cfg.reward.num_cpus)
-    add("GPU", f"reward.num_gpus={cfg.reward.num_gpus:g}", cfg.reward.num_gpus)
+    add("CPU", f"reward.num_cpus={cfg.reward.num_cpus:g}", cfg.reward.num_cpus, cfg.reward.num_actors)
+    add("GPU", f"reward.num_gpus={cfg.reward.num_gpus:g}", cfg.reward.num_gpus, cfg.reward.num_actors)
     if cfg.reference.mode == "actor":
         add("CPU", f"reference.num_cpus={cfg.reference.num_cpus:g}", cfg.reference.num_cpus)
         add("GPU", f"reference.num_gpus={cfg.reference.num_gpus:g}", cfg.reference.num_gpus)
@@ -182,7 +182,9 @@ def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:
     no bundle. The learner's Ray Train workers are laid out by Ray Train (one GPU each, PACK)."""
     r = cfg.rollout
     roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_actors)]
-    roles.append(("reward", cfg.reward.num_gpus, cfg.reward.num_cpus))
+    k = cfg.reward.num_actors
+    roles += [(name, cfg.reward.num_gpus, cfg.reward.num_cpus)
+              for name in (["reward"] if k == 1 else [f"reward-{i}" for i in range(k)])]
     if cfg.reference.mode == "actor":
         roles.append(("reference", cfg.reference.num_gpus, cfg.reference.num_cpus))
     bundles: list[dict[str, float]] = []
@@ -281,6 +283,8 @@ def call(role: str, refs: Any, timeout_s: float, restarts: Optional[int] = None,
         note = f" (it had up to cluster.max_role_restarts={restarts} restarts)" if restarts is not None else ""
         raise RoleFailed(role, f"actor died: {str(e).splitlines()[0]}{note}", "died") from e
     except RayTaskError as e:
+        if getattr(e.cause, "report_as_is", False):  # a user's code failed (a reward function): its own words
+            raise e.cause from None
         raise RoleFailed(role, f"raised {e.cause!r}" if e.cause else str(e), "raised") from e
     except GetTimeoutError as e:
         raise RoleFailed(role, f"no answer within {timeout_key}={timeout_s}", "timeout") from e

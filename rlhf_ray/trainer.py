@@ -34,6 +34,7 @@ from .experience import Experience, ExperienceMaker
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .logs import close_run_log, link_ray_logs, log_to_run_dir
+from .rewards import check_reward_functions, component_metrics
 from .telemetry import MetricsWriter, StageTimer
 from .tracking import RayGauges, Trackers
 
@@ -73,7 +74,7 @@ class BadSteps:
 class PPOTrainer:
     def __init__(self, cfg: Config, *, progress: bool = True, resume: Optional[Path] = None):
         """``resume``: a run or checkpoint directory to continue from (see ``checkpoint.py``)."""
-        from .data.prompts import prompt_set
+        from .data.prompts import prompt_records
         from .data.task import JUDGES
         from .models import load_tokenizer
         from .models.checks import check_inputs, check_writable
@@ -98,11 +99,16 @@ class PPOTrainer:
         self._context = min(self.tokenizer.model_max_length, _context_length(self.model_path))
         # Rendered with data.chat_template, fitted to data.max_prompt_tokens (data.over_long).
         lengths = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_model_len": self._context}
-        self.prompt_texts, self.prompt_ids = prompt_set(cfg.data, cfg.data.prompts_path, self.tokenizer, **lengths)
+        self.prompts = prompt_records(cfg.data, cfg.data.prompts_path, self.tokenizer, cap=cfg.data.max_prompts,
+                                      **lengths)
+        self.prompt_texts, self.prompt_ids = self.prompts.texts, self.prompts.ids
         self.judge = JUDGES.get(cfg.eval.judge)
-        self.eval_texts, self.eval_ids = prompt_set(cfg.data, cfg.eval.prompts_path, self.tokenizer,
-                                                    key="eval.prompts_path", num=cfg.eval.num_prompts,
-                                                    split="heldout", **lengths)
+        self.eval_prompts = prompt_records(cfg.data, cfg.eval.prompts_path, self.tokenizer, key="eval.prompts_path",
+                                           num=cfg.eval.num_prompts, cap=cfg.eval.max_prompts, split="heldout",
+                                           **lengths)
+        self.eval_texts, self.eval_ids = self.eval_prompts.texts, self.eval_prompts.ids
+        # The user's reward functions load here first: a missing file, function or column fails now.
+        self.reward_sources = check_reward_functions(cfg, self.prompts.columns + self.eval_prompts.columns)
         # The engines hold KV cache for the longest sequence this run can make, not the model's context.
         self.max_model_len = max(len(p) for p in self.prompt_ids + self.eval_ids) + cfg.rollout.max_new_tokens
         self.fingerprint = fingerprint(cfg, self.model_path)
@@ -146,10 +152,13 @@ class PPOTrainer:
                 # Reward and reference calls are pure functions of their inputs: Ray restarts a dead
                 # one and re-runs the call (cluster.max_role_restarts times, then the run stops).
                 restarts = cfg.cluster.max_role_restarts
-                self.reward = spawn(RewardScorer, cfg, self.reward_path, num_cpus=cfg.reward.num_cpus,
-                                    num_gpus=cfg.reward.num_gpus, placement=self.placement.options("reward"),
-                                    restarts=restarts)
-                self._roles.append(("reward", self.reward))
+                k = cfg.reward.num_actors
+                self.rewards = [(name, spawn(RewardScorer, cfg, self.reward_path, self.reward_sources,
+                                             num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus,
+                                             placement=self.placement.options(name), restarts=restarts))
+                                for name in (["reward"] if k == 1 else [f"reward-{i}" for i in range(k)])]
+                self.reward = self.rewards[0][1]
+                self._roles += self.rewards
                 self.reference = None
                 if cfg.reference.mode == "actor":
                     self.reference = spawn(ReferencePolicy, cfg, self.model_path, num_cpus=cfg.reference.num_cpus,
@@ -179,7 +188,7 @@ class PPOTrainer:
         self.startup_parts: dict[str, Any] = clock.finish()
         self.startup_parts["built_in"] = self.fleet.build_seconds()
         self.startup_s = time.perf_counter() - self._t0
-        self.maker = ExperienceMaker(cfg, self.fleet, self.reward, self.reference, self.learner,
+        self.maker = ExperienceMaker(cfg, self.fleet, self.rewards, self.reference, self.learner,
                                      self.tokenizer.pad_token_id, self._timeout)
         self.kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
                        if cfg.ppo.kl_target else algo.FixedKLController(cfg.ppo.kl_coef))
@@ -268,23 +277,26 @@ class PPOTrainer:
         k = self.cfg.eval.samples_per_prompt
         t = time.perf_counter()
         seeds = [request_seed(self.cfg.rollout.seed, EVAL_STEP, i) for i in range(len(self.eval_ids))]
-        samples = self.fleet.generate(self.eval_ids, self.eval_texts, n=k, seeds=seeds)
+        samples = self.fleet.generate(self.eval_ids, self.eval_texts, n=k, seeds=seeds,
+                                      columns=self.eval_prompts.columns, where=self.eval_prompts.where)
         batch = pad_samples(samples, self.tokenizer.pad_token_id)
         old, _, ref, _ = self.maker.old_and_reference(batch)
         kl_seq = ((old - ref) * batch.action_mask).sum(dim=1)
-        scores, _ = self.maker.score(samples)
+        scores, parts, _ = self.maker.score(samples, EVAL_STEP)
         out: dict[str, Any] = {
             "label": label, "adapter_version": self.version, "prompts": len(self.eval_texts),
             "samples": len(samples), "reward_mean": float(scores.mean()),
             "kl_per_seq": float(kl_seq.mean()), "kl_per_seq_std": float(kl_seq.std()) if len(kl_seq) > 1 else 0.0,
             "response_len_mean": samples.num_response_tokens / len(samples),
             "truncation_rate": samples.truncation_rate,
+            **component_metrics(parts),
         }
-        verdicts = [self.judge(r) for r in samples.responses] if self.judge else None
+        verdicts = [self.judge(r, c) for r, c in zip(samples.responses, samples.columns)] if self.judge else None
         if verdicts is not None:
             out["judge"] = self.cfg.eval.judge
             out["judge_score"] = sum(v.score for v in verdicts) / len(verdicts)
-            out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
+            if hasattr(verdicts[0], "in_vocabulary"):
+                out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
         out["examples"] = [{"prompt": p, "response": r, "reward": float(s),
                             **({"judge": verdicts[i].score} if verdicts else {})}
                            for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][::k][:8]
@@ -346,7 +358,9 @@ class PPOTrainer:
             idx = self._resume_pending.pop(0)[1] if self._resume_pending else self._next_prompts()
             seeds = [request_seed(cfg.rollout.seed, step, j) for j in range(len(idx))]
             sent = self.fleet.dispatch([self.prompt_ids[j] for j in idx], [self.prompt_texts[j] for j in idx],
-                                       n=cfg.rollout.samples_per_prompt, seeds=seeds)
+                                       n=cfg.rollout.samples_per_prompt, seeds=seeds,
+                                       columns=[self.prompts.columns[j] for j in idx],
+                                       where=[self.prompts.where[j] for j in idx])
             self._pending.append((step, idx, sent))
 
     def _drop_pending(self) -> None:
@@ -373,7 +387,8 @@ class PPOTrainer:
             keep = [i for i, v in enumerate(samples.versions) if v >= self.version - cfg.rollout.max_staleness]
             if not keep:
                 self.fleet.settle()
-                samples = self.fleet.generate(sent.prompt_ids, sent.prompt_texts, n=sent.n, seeds=sent.seeds)
+                samples = self.fleet.generate(sent.prompt_ids, sent.prompt_texts, n=sent.n, seeds=sent.seeds,
+                                              columns=sent.columns, where=sent.where)
                 return samples, len(samples)
         return (samples if len(keep) == len(samples) else samples.reordered(keep)), len(samples) - len(keep)
 
@@ -384,7 +399,7 @@ class PPOTrainer:
         timer = StageTimer()
         samples, dropped = self._rollout(timer)
         kl_coef = self.kl_ctl.value
-        exp = self.maker.make(samples, kl_coef, timer)
+        exp = self.maker.make(samples, kl_coef, timer, step=self.step_index)
         samples = exp.samples
         trained_on = self.version  # the adapter this step's update starts from
         stale = sum(v != trained_on for v in samples.versions)
@@ -451,6 +466,7 @@ class PPOTrainer:
             "reward_mean": float(exp.scores.mean()),
             "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0,
             "shaped_reward_mean": float(exp.rewards.mean()),
+            **component_metrics(exp.components),
             "truncation_rate": samples.truncation_rate,
             "trained_samples": int((batch.action_mask.sum(dim=1) > 0).sum()),
             "update_skipped": updated is None,

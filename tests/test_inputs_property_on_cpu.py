@@ -330,7 +330,7 @@ def test_reward_model_vocab_is_checked_against_its_own_tokenizer(model_cfg, tiny
 
     tok = load_tokenizer(tiny_model_dir)
     check_inputs(model_cfg(), tiny_model_dir, tok, reward_path=untrained_rm)
-    check_inputs(model_cfg(), tiny_model_dir, tok, reward_path="rule:positive")
+    check_inputs(model_cfg(), tiny_model_dir, tok, reward_path=None)  # rules and functions alone: no model
     bad = tmp_path / "rm"
     shutil.copytree(untrained_rm, bad)
     rm_tok = load_tokenizer(str(bad))

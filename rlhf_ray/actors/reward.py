@@ -1,47 +1,71 @@
-"""Reward-model role: scores prompt + response text in batches."""
+"""Reward role: scores prompt + response text in batches with every reward component of the
+run (a reward model, a rule, user functions, a remote scorer; see ``rlhf_ray/rewards.py``)."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
 from ..config import Config
 from ..devices import role_device
 from ..logs import redirect_output
+from ..rewards import Component, Score, call_function, combine, load_function, post_scores, split_target
 from ..telemetry import MemorySampler
+
+
+def reward_components(cfg: Config, reward_path: Optional[str]) -> list[Component]:
+    """The run's reward components, in the order they are logged."""
+    r = cfg.reward
+    out = []
+    if reward_path is not None:
+        out.append(Component("model", "model", r.model_weight, reward_path))
+    if r.rule is not None:
+        out.append(Component(r.rule, "rule", 1.0, r.rule))
+    for f in r.functions:
+        out.append(Component(f.name or split_target(f.path)[1], "function", f.weight, f.path))
+    if r.url is not None:
+        out.append(Component("remote", "remote", r.url_weight, r.url))
+    return out
 
 
 class RewardScorer:
     role = "reward"
 
-    def __init__(self, cfg: Config, reward_path: str):
-        from ..models.reward import load_reward_model
-        from ..stages.rm import load_normalizer
-
+    def __init__(self, cfg: Config, reward_path: Optional[str], sources: Optional[dict[str, str]] = None):
+        """``sources``: the text of each function file, read by the driver (see ``read_source``)."""
         redirect_output(self.role)  # before vLLM / transformers print anything
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}",
-                                  rehearse=cfg.cluster.rehearse)
         self.memory = MemorySampler()
-        self.rule = None
-        if cfg.reward.rule is not None:
-            from ..rules import RULES
+        self.components = reward_components(cfg, reward_path)
+        self.weights = {c.name: c.weight for c in self.components}
+        self.functions = {}
+        for i, c in enumerate(self.components):
+            if c.kind == "rule":
+                from ..rules import RULES
 
-            self.rule = RULES[cfg.reward.rule]
-            return
-        self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype, device=self.device)
-        self.tokenizer.padding_side = "right"
-        # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
-        norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}
-        self.shift, self.scale = norm["mean"], norm["std"]
+                self.functions[c.name] = _pairwise(RULES[c.target])
+            elif c.kind == "function":
+                self.functions[c.name] = load_function(c.target, f"reward.functions[{i}].path",
+                                                       (sources or {}).get(c.target))
+        self.model = None
+        if reward_path is not None:
+            from ..models.reward import load_reward_model
+            from ..stages.rm import load_normalizer
+
+            self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}",
+                                      rehearse=cfg.cluster.rehearse)
+            self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype, device=self.device)
+            self.tokenizer.padding_side = "right"
+            # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
+            norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}
+            self.shift, self.scale = norm["mean"], norm["std"]
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         from ..stages.rm import reward_text
 
-        if self.rule is not None:
-            return [float(self.rule(p, r)) for p, r in zip(prompts, responses)]
         texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         bs = self.cfg.reward.batch_size
@@ -50,11 +74,41 @@ class RewardScorer:
             scores += ((self.model(**enc).logits[:, 0].float().cpu() - self.shift) / self.scale).tolist()
         return scores
 
-    def score_timed(self, prompts: list[str], responses: list[str]) -> tuple[list[float], float]:
-        """(scores, seconds spent scoring inside this actor)."""
+    def components_of(self, prompts: list[str], responses: list[str], columns: Optional[list[dict]] = None, *,
+                      step: int = -1, where: Optional[list[str]] = None) -> dict[str, list[Score]]:
+        """Each component's scores (None: that component gave none)."""
+        columns = columns if columns is not None else [{} for _ in prompts]
+        where = where or [f"sample {i}" for i in range(len(prompts))]
+        r = self.cfg.reward
+        out: dict[str, list[Score]] = {}
+        for c in self.components:
+            if c.kind == "model":
+                out[c.name] = self._model_scores(prompts, responses)
+            elif c.kind == "remote":
+                out[c.name] = post_scores(c.target, prompts, responses, columns, timeout_s=r.timeout_s,
+                                          retries=r.retries, step=step)
+            else:
+                out[c.name] = call_function(self.functions[c.name], c.name, prompts, responses, columns,
+                                            timeout_s=r.timeout_s, step=step, where=where)
+        return out
+
+    def score(self, prompts: list[str], responses: list[str], columns: Optional[list[dict]] = None, *,
+              step: int = -1, where: Optional[list[str]] = None) -> list[float]:
+        return combine(self.components_of(prompts, responses, columns, step=step, where=where), self.weights)
+
+    def score_timed(self, prompts: list[str], responses: list[str], columns: Optional[list[dict]] = None, *,
+                    step: int = -1, where: Optional[list[str]] = None) -> tuple[list[float], dict[str, list[Score]], float]:
+        """(reward per response, each component's scores, seconds spent inside this actor)."""
         t = time.perf_counter()
-        scores = self.score(prompts, responses)
-        return scores, time.perf_counter() - t
+        parts = self.components_of(prompts, responses, columns, step=step, where=where)
+        return combine(parts, self.weights), parts, time.perf_counter() - t
 
     def memory_stats(self) -> dict:
         return {"role": self.role, "name": "reward", **self.memory.stats()}
+
+
+def _pairwise(rule):
+    """A built-in rule (prompt, response) -> float as a batch function."""
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(rule(p, r)) for p, r in zip(prompts, responses)]
+    return score

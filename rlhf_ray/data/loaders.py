@@ -71,11 +71,10 @@ class LoadReport:
     def announce(self, key: str) -> None:
         """Say what was dropped (a warning: records are lost) or left out, cut or capped (on
         purpose: info), so nothing goes missing unseen."""
-        if self.dropped or self.filtered:
-            level = logging.WARNING if self.dropped else logging.INFO
-            log.log(level, "%s: %s", key, self.summary())
-            for problem in self.first_problems:
-                log.log(level, "  %s", problem)
+        level = logging.WARNING if self.dropped else logging.INFO
+        log.log(level, "%s: %s", key, self.summary())  # how much was used, always
+        for problem in self.first_problems:
+            log.log(level, "  %s", problem)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
@@ -211,10 +210,12 @@ def _short(v: Any, n: int = 60) -> str:
 
 
 def load(path: str | Path, key: str, parse: Callable[[Any], T], on_bad: str = "skip",
-         limit: Optional[int] = None, report: Optional[LoadReport] = None) -> tuple[list[T], LoadReport]:
+         limit: Optional[int] = None, report: Optional[LoadReport] = None,
+         wheres: Optional[list[str]] = None) -> tuple[list[T], LoadReport]:
     """Parse every record of ``path`` with ``parse`` (which raises BadRecord, or returns None
     for a record it leaves out on purpose and counts in ``report.filtered``); ``key`` is the
-    config key the path came from, for messages. ``limit`` caps the records kept."""
+    config key the path came from, for messages. ``limit`` caps the records kept (the user's
+    cap: nothing is capped by default); ``wheres`` gets each kept record's ``file:line``."""
     report = report or LoadReport(str(path))
     out: list[T] = []
     for where, rec in iter_records(path, key):
@@ -236,6 +237,8 @@ def load(path: str | Path, key: str, parse: Callable[[Any], T], on_bad: str = "s
         if item is None:  # filtered on purpose by ``parse``; it counted why
             continue
         out.append(item)
+        if wheres is not None:
+            wheres.append(where)
     report.kept = len(out)
     if report.read == 0:
         raise DataError(f"{key}={str(path)!r}: holds no records (blank lines only)")
@@ -415,12 +418,14 @@ def parse_preference(rec: dict, render: Renderer = PLAIN) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
 
 
-def prompt_parser(cfg: DataConfig, report: LoadReport, render: Renderer = PLAIN) -> Callable[[dict], Optional[str]]:
+def prompt_parser(cfg: DataConfig, report: LoadReport,
+                  render: Renderer = PLAIN) -> Callable[[dict], Optional[tuple[str, dict]]]:
     """A parser for prompt records: ``prompt`` or ``messages`` (a message list is rendered whole,
-    with the generation prompt), or a classification set's text column (+ label)."""
+    with the generation prompt), or a classification set's text column (+ label). It gives
+    (text, the record's other columns): the columns travel with the prompt to the reward."""
     keep = None if cfg.keep_labels is None else {str(x) for x in cfg.keep_labels}
 
-    def parse(rec: dict) -> Optional[str]:
+    def parse(rec: dict) -> Optional[tuple[str, dict]]:
         name = cfg.text_field or next((k for k in TEXT_FIELDS if k in rec), None)
         if name is None:
             raise BadRecord(f"no text column: expected one of {list(TEXT_FIELDS)} or data.text_field "
@@ -435,7 +440,7 @@ def prompt_parser(cfg: DataConfig, report: LoadReport, render: Renderer = PLAIN)
                 return None
         if cfg.prompt_words is not None and not conversation:  # a first-N-words cut is for plain texts
             text = " ".join(text.split()[: cfg.prompt_words])
-        return text
+        return text, {k: v for k, v in rec.items() if k != name}
 
     return parse
 
@@ -450,5 +455,12 @@ def load_preferences(path: str, key: str, on_bad: str, limit: Optional[int] = No
 
 def load_prompts(cfg: DataConfig, path: str, key: str = "data.prompts_path",
                  limit: Optional[int] = None, render: Renderer = PLAIN) -> tuple[list[str], LoadReport]:
+    records, report = load_prompt_records(cfg, path, key, limit, render)
+    return [text for text, _ in records], report
+
+
+def load_prompt_records(cfg: DataConfig, path: str, key: str = "data.prompts_path", limit: Optional[int] = None,
+                        render: Renderer = PLAIN, wheres: Optional[list[str]] = None):
+    """([(text, other columns)], report) of a prompt file."""
     report = LoadReport(str(path))
-    return load(path, key, prompt_parser(cfg, report, render), cfg.on_bad_record, limit, report)
+    return load(path, key, prompt_parser(cfg, report, render), cfg.on_bad_record, limit, report, wheres)

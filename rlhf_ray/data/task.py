@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from .math_task import exact_match
 from .synthetic import ASPECTS, NEG_CLOSERS, NEGATIVE, OPENERS, POS_CLOSERS, POSITIVE, SUBJECTS
 
 HELDOUT_SUBJECTS = tuple(SUBJECTS[3::4])  # 4 of 16
@@ -140,4 +141,10 @@ def judge(response: str) -> Verdict:
     )
 
 
-JUDGES = {"positive_sentiment": judge}
+def _sentiment(response: str, columns: dict) -> Verdict:
+    return judge(response)
+
+
+# name -> judge(response, the prompt record's other columns) -> a verdict with .score in [0, 1]
+JUDGES = {"positive_sentiment": _sentiment, "exact_match": exact_match}
+TASKS = ("reviews", "math")  # data.task: what the stages generate when no file is given

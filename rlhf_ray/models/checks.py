@@ -22,7 +22,7 @@ def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.p
     is not writable, a tracker of ``output.trackers`` is not installed, ``tokenizer`` has more tokens than ``model_path``'s embedding has rows,
     or (``lora``) a ``lora.target_modules`` entry matches no linear layer of the model with
     ``head`` (``causal_lm`` or ``seq_cls``). ``key`` is the setting that chose ``model_path``.
-    ``reward_path`` (a reward model directory; ``rule:...`` skipped) is checked against its own
+    ``reward_path`` (a reward model; None: the reward uses none) is checked against its own
     tokenizer: the reward role reads the policy's decoded text and tokenizes it again."""
     check_writable("output.dir", cfg.output.dir)
     from ..tracking import check_trackers
@@ -34,7 +34,7 @@ def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.p
     check_vocab(config, model_path, tokenizer, key)
     if lora:
         check_lora_targets(config, model_path, cfg.lora.target_modules, key, head)
-    if reward_path is not None and not reward_path.startswith("rule:"):
+    if reward_path is not None:
         from .loading import load_tokenizer
 
         try:

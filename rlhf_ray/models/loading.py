@@ -24,15 +24,22 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         return str(build_tiny_model(
             Path(cfg.tiny_dir).resolve(), layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
             vocab_size=cfg.tiny_vocab, max_positions=cfg.tiny_max_positions, seed=cfg.seed,
+            corpus_name=cfg.tiny_corpus,
         ))
-    p = Path(cfg.path)
-    looks_local = cfg.path.startswith((".", "/", "~")) or p.exists()
+    return resolve_path(cfg.path, "model.path")
+
+
+def resolve_path(path: str, key: str) -> str:
+    """A model directory (made absolute) or a hub id (checked: in the cache, or downloadable);
+    FileNotFoundError naming ``key`` otherwise."""
+    p = Path(path)
+    looks_local = path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p.expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json in that directory")
+        raise FileNotFoundError(f"{key}={path!r}: no config.json in that directory")
     if looks_local:
         return str(p.expanduser().resolve())
-    check_hub_model(cfg.path, "model.path")
-    return cfg.path  # a hub id still: each node loads it from its own cache
+    check_hub_model(path, key)
+    return path  # a hub id still: each node loads it from its own cache
 
 
 def check_hub_model(name: str, key: str) -> None:

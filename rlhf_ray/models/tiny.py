@@ -47,6 +47,7 @@ def build_tiny_model(
     seed: int = 0,
     texts: Optional[Iterable[str]] = None,
     like: Optional[str | Path] = None,
+    corpus_name: str = "reviews",
 ) -> Path:
     """Build (or reuse, if built with the same settings) a tiny Llama + tokenizer in ``out_dir``.
     With ``like`` (a directory with a config.json, e.g. Llama-3.1-8B's shape facts), a tiny
@@ -58,17 +59,19 @@ def build_tiny_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from ..data.synthetic import corpus
+    from ..data import math_task, synthetic
 
     out = Path(out_dir)
     settings = dict(layers=layers, hidden=hidden, heads=heads, vocab_size=vocab_size,
                     max_positions=max_positions, seed=seed, custom_texts=texts is not None,
+                    **({"corpus": corpus_name} if corpus_name != "reviews" else {}),
                     like=json.loads((Path(like) / "config.json").read_text()) if like else None)
     marker = out / _MARKER
     if texts is None and marker.is_file() and json.loads(marker.read_text()) == settings:
         return out
 
     out.mkdir(parents=True, exist_ok=True)
+    corpus = {"reviews": synthetic.corpus, "math": math_task.corpus}[corpus_name]
     tokenizer = build_tokenizer(texts if texts is not None else corpus(seed=seed), vocab_size)
     tokenizer.model_max_length = max_positions
     sizes = dict(

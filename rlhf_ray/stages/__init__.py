@@ -4,6 +4,7 @@ model directory that the next stage (and PPO) loads like any downloaded model, p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..config import Config
 
@@ -35,13 +36,15 @@ def policy_base(cfg: Config) -> str:
     return base_model(cfg, cfg.ppo.base, "ppo.base")
 
 
-def reward_path(cfg: Config) -> str:
-    """The reward model PPO scores with: ``reward.path``, else the one ``train-rm`` wrote
-    (``rule:<name>`` with ``reward.rule``)."""
-    if cfg.reward.rule is not None:
-        return f"rule:{cfg.reward.rule}"
+def reward_path(cfg: Config) -> Optional[str]:
+    """The reward model PPO scores with: ``reward.path`` (a directory, or a hub id), else the one
+    ``train-rm`` wrote; None when the reward comes from rules, functions or a URL alone."""
+    if not cfg.reward.uses_model:
+        return None
     if cfg.reward.path is not None:
-        return str(Path(cfg.reward.path).expanduser().resolve())
+        from ..models.loading import resolve_path
+
+        return resolve_path(cfg.reward.path, "reward.path")
     d = rm_dir(cfg)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"reward.path is null and there is no trained reward model at {d}: "

@@ -37,13 +37,16 @@ def preference_data(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict], 
     if rc.data_path is None:
         from ..data.task import preference_pairs
 
+        if cfg.data.task != "reviews":
+            raise ValueError(f"data.task={cfg.data.task} has no generated preference pairs: its reward is a function "
+                             "(reward.functions); set rm.data_path to train a reward model on your own pairs")
         n_eval = max(32, int(rc.num_pairs * rc.eval_fraction))
         train = preference_pairs(rc.num_pairs, rc.seed, "train")
         held = preference_pairs(n_eval, rc.seed, "heldout")
         return train, held, [LoadReport("generated task", read=len(train) + len(held), kept=len(train) + len(held))]
     from ..data.loaders import load_preferences
 
-    pairs, report = load_preferences(rc.data_path, "rm.data_path", cfg.data.on_bad_record, limit=rc.num_pairs,
+    pairs, report = load_preferences(rc.data_path, "rm.data_path", cfg.data.on_bad_record, limit=rc.max_pairs,
                                      render=render)
     if rc.eval_path is not None:
         held, eval_report = load_preferences(rc.eval_path, "rm.eval_path", cfg.data.on_bad_record, render=render)

@@ -20,12 +20,13 @@ from . import sft_dir
 def sft_examples(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
     """The records; ``messages`` rendered by ``render`` (``data.chat_template``)."""
     if cfg.sft.data_path is None:
-        from ..data.task import sft_records
+        from ..data import math_task, task
 
-        return sft_records(cfg.sft.num_examples, cfg.sft.seed), None
+        make = {"reviews": task.sft_records, "math": math_task.sft_records}[cfg.data.task]
+        return make(cfg.sft.num_examples, cfg.sft.seed), None
     from ..data.loaders import load_sft
 
-    return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.num_examples,
+    return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.max_examples,
                     render=render)
 
 
