@@ -17,7 +17,7 @@ ifeq ($(filter cpu gpu,$(STACK_USED)),)
 $(error STACK must be auto, cpu or gpu, not '$(STACK)')
 endif
 
-.PHONY: run test test-fast venv clean
+.PHONY: run test test-fast venv clean clean-runs
 
 venv: $(STAMP)
 
@@ -53,5 +53,10 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not integration" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
+# The venv and caches only: runs/ (trained models, checkpoints, reports) stays.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Every run's outputs under runs/, and the tiny models built there.
+clean-runs:
+	rm -rf runs

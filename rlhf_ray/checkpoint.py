@@ -148,6 +148,25 @@ def metrics_prefix(path: Path, lines: int) -> list[dict]:
     return [json.loads(line) for line in kept]
 
 
+def earlier_run(run_dir: Path) -> list[str]:
+    """What an earlier PPO run left in ``run_dir`` that a new one would replace."""
+    found = []
+    n = len(list_checkpoints(run_dir))
+    if n:
+        found.append(f"{n} checkpoint(s)")
+    if (run_dir / "adapter").is_dir():
+        found.append("its adapter")
+    return found
+
+
+def refuse_to_replace(run_dir: Path) -> None:
+    """ValueError naming ``--resume`` and ``--overwrite`` when ``run_dir`` holds an earlier run."""
+    found = earlier_run(run_dir)
+    if found:
+        raise ValueError(f"{run_dir} holds an earlier run ({' and '.join(found)}): `rlhf-ray train --resume` "
+                         f"continues it, --overwrite replaces it, or set another output.name")
+
+
 def discard_checkpoints(run_dir: Path, after: int) -> list[Path]:
     """Remove the checkpoints of ``run_dir`` past step ``after`` (-1: all); returns them."""
     gone = [p for p in list_checkpoints(run_dir) if _step_of(p) > after]

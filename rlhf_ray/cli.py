@@ -65,10 +65,10 @@ def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ppo(cfg: Config, resume=None) -> list[dict]:
+def _ppo(cfg: Config, resume=None, overwrite: bool = False) -> list[dict]:
     from .trainer import PPOTrainer, startup_line
 
-    with PPOTrainer(cfg, resume=resume) as trainer:
+    with PPOTrainer(cfg, resume=resume, overwrite=overwrite) as trainer:
         print(f"ray: {trainer.how_connected}; {startup_line(trainer.startup_s, trainer.startup_parts)}; "
               f"{len(trainer.generators)} rollout actors, {cfg.learner.num_workers} learner workers, "
               f"reference.mode={cfg.reference.mode}")
@@ -107,7 +107,7 @@ def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         args.run_dir = cfg.output.run_dir  # where a failed role's log is, for main
     elif cfg.cluster.rehearse:
         _rehearsal_inputs(cfg, args)
-    _finish(cfg, _ppo(cfg, resume))
+    _finish(cfg, _ppo(cfg, resume, overwrite=args.overwrite))
     return 0
 
 
@@ -133,12 +133,30 @@ def _rehearsal_inputs(cfg: Config, args: argparse.Namespace) -> None:
     (tiny, one-epoch) stages make them, on the workers the config asks for."""
     from .stages import rm_dir, sft_dir
 
-    need_rm = cfg.reward.rule is None and not (rm_dir(cfg) / "config.json").is_file()
+    need_rm = trains_rm(cfg) and not (rm_dir(cfg) / "config.json").is_file()
     need_sft = cfg.ppo.base == "sft" or (need_rm and cfg.rm.base == "sft")
     if need_sft and not (sft_dir(cfg) / "config.json").is_file():
         _cmd_sft(cfg, args)
     if need_rm:
         _cmd_train_rm(cfg, args)
+
+
+def trains_rm(cfg: Config) -> bool:
+    """The run's reward uses the reward model `train-rm` writes: no reward.path, and no rule,
+    function or URL instead."""
+    return cfg.reward.uses_model and cfg.reward.path is None
+
+
+def _check_every_stage(cfg: Config) -> None:
+    """Every stage's resources against the cluster before the first starts: a PPO layout the
+    cluster cannot hold fails now, not after SFT and the reward model have trained."""
+    from .launch import connect, preflight, stage_requests
+
+    connect(cfg)
+    preflight(cfg, stage_requests("sft", cfg.sft))
+    if trains_rm(cfg):
+        preflight(cfg, stage_requests("rm", cfg.rm))
+    preflight(cfg)
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -149,15 +167,22 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
     from .models import resolve_model_path
 
+    from .checkpoint import refuse_to_replace
+
+    if not args.overwrite:  # before SFT: refused in seconds, not after the stages
+        refuse_to_replace(cfg.output.run_dir.resolve())
+    _check_every_stage(cfg)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    for stage, fn in [("model", lambda: print(f"model: {resolve_model_path(cfg.model)}")),
-                      ("sft", lambda: _cmd_sft(cfg, args)), ("rm", lambda: _cmd_train_rm(cfg, args))]:
+    stages = [("model", lambda: print(f"model: {resolve_model_path(cfg.model)}")), ("sft", lambda: _cmd_sft(cfg, args))]
+    if trains_rm(cfg):
+        stages.append(("rm", lambda: _cmd_train_rm(cfg, args)))
+    for stage, fn in stages:
         t = time.perf_counter()
         fn()
         times[stage] = time.perf_counter() - t
     t = time.perf_counter()
-    records = _ppo(cfg)
+    records = _ppo(cfg, overwrite=args.overwrite)
     times["ppo"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     run_dir = cfg.output.run_dir.resolve()
@@ -167,18 +192,28 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_line(cfg: Config, step_s: float) -> str:
+    """What one failure costs at the rate model's step time, with this config's checkpoints."""
+    hours = cfg.ppo.steps * step_s / 3600
+    if not cfg.checkpoint.every:
+        return (f"checkpoints: none (checkpoint.every=0) in a run of ~{hours:.1f} h at {step_s:.0f} s per step: "
+                "one failure loses all of it")
+    return (f"checkpoints: every {cfg.checkpoint.every} steps, ~{cfg.checkpoint.every * step_s / 60:.0f} min apart at "
+            f"{step_s:.0f} s per step (run ~{hours:.1f} h), the newest {cfg.checkpoint.keep} kept")
+
+
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     """Per-actor memory and placement from the model's config.json alone (no weights, no GPU),
     then the rate model's generator/learner splits (GPU roles only)."""
     import math
     from pathlib import Path
 
-    from .models import resolve_model_path
+    from .models.loading import shape_path
     from .plan import model_shape
     from .plan.placement import GIB, make_plan, render
     from .plan.rates import render_splits, split_table
 
-    model = resolve_model_path(cfg.model)
+    model = shape_path(cfg.model)
     targets = list(cfg.lora.target_modules)
     shape = model_shape(model, cfg.lora.rank, targets)
     rm = cfg.reward.path if cfg.reward.path and (Path(cfg.reward.path) / "config.json").is_file() else model
@@ -208,6 +243,10 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     if cfg.rollout.num_gpus > 0 and cfg.learner.use_gpu and cfg.reward.num_gpus > 0:
         rows = split_table(cfg, shape, rm_shape, gpus=gpus, nodes=nodes, gpu_memory=memory, **lengths)
         print(render_splits(rows, (cfg.rollout.num_actors, cfg.learner.num_workers)))
+        mine = next((e for e in rows if (e.generators, e.learners) == (cfg.rollout.num_actors, cfg.learner.num_workers)),
+                    None)
+        if mine is not None:
+            print(checkpoint_line(cfg, mine.step_s))
     else:
         print("rate model: only for GPU layouts (rollout.num_gpus > 0, learner.use_gpu, reward.num_gpus > 0)")
     return 1 if plan.problems else 0
@@ -271,6 +310,15 @@ def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
               f"{r['tokens_per_s']:>7.0f} " + " ".join(f"{t.get(c, 0.0):>8.3f}s" for c in cols))
 
 
+def default_config() -> Optional[str]:
+    """The embedded default run's config, when the repository's configs/ is beside the package
+    (a clone, `make venv`, `pip install -e`); else None: the built-in defaults."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    return str(path) if path.is_file() else None
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "validate a config and print it fully resolved"),
     "build-model": (_cmd_build_model, "build the tiny local model + tokenizer (or check model.path)"),
@@ -294,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "bench":  # before the overrides, which would otherwise swallow it
             p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
-        p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+        p.add_argument("--config", action="append", default=None, metavar="FILE",
+                       help="YAML config; given again, each file is layered over the ones before it (a base, "
+                            "then a preset). Default: configs/tiny_cpu.yaml, the embedded default run")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         if name == "bench":
             p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -334,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rehearse", action="store_true",
                            help="run this config's actors, resource requests and placement with a tiny model of the "
                                 "same family on CPU (a CPU-only cluster declaring logical GPUs is enough)")
+        if name in ("train", "run"):
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run's checkpoints and adapter in the run directory "
+                                "(without it such a directory is refused)")
         if name == "train":
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from the newest checkpoint of DIR (a run directory, default this "
@@ -364,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
     try:
-        cfg = load_config(args.config, args.all_overrides)
+        cfg = load_config(args.config or default_config(), args.all_overrides)
     except ConfigError as e:
         print(f"rlhf-ray: config error: {e}", file=sys.stderr)
         return 2

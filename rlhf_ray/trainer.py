@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import logging
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -27,13 +28,14 @@ import torch
 
 from . import algo
 from .batch import pad_samples
-from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fingerprint, load_checkpoint,
+from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fingerprint, load_checkpoint, refuse_to_replace,
                          metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .logs import close_run_log, link_ray_logs, log_to_run_dir
+from .actors.reward import reward_components
 from .rewards import check_reward_functions, component_metrics
 from .telemetry import MetricsWriter, StageTimer
 from .tracking import RayGauges, Trackers
@@ -71,9 +73,16 @@ class BadSteps:
                                f"ppo.max_bad_steps={self.limit}; last checkpoint: {last}")
 
 
+def builtin_task(cfg: Config) -> bool:
+    """The embedded default task, which the report's fixed targets (judge gain, wall time) are for."""
+    return (cfg.data.task == "reviews" and cfg.data.prompts_path is None and cfg.eval.prompts_path is None
+            and cfg.eval.judge == "positive_sentiment" and cfg.model.path is None)
+
+
 class PPOTrainer:
-    def __init__(self, cfg: Config, *, progress: bool = True, resume: Optional[Path] = None):
-        """``resume``: a run or checkpoint directory to continue from (see ``checkpoint.py``)."""
+    def __init__(self, cfg: Config, *, progress: bool = True, resume: Optional[Path] = None, overwrite: bool = False):
+        """``resume``: a run or checkpoint directory to continue from (see ``checkpoint.py``);
+        without it, a run directory holding an earlier run is refused unless ``overwrite``."""
         from .data.prompts import prompt_records
         from .data.task import JUDGES
         from .models import load_tokenizer
@@ -88,6 +97,8 @@ class PPOTrainer:
         clock = StageTimer()
         check_writable("output.dir", cfg.output.dir)
         self.run_dir = cfg.output.run_dir.resolve()
+        if resume is None and not overwrite:
+            refuse_to_replace(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_to_run_dir(self.run_dir)
 
@@ -119,9 +130,12 @@ class PPOTrainer:
         # This run's checkpoints only: a new run here drops an earlier run's, a resumed one those
         # after its checkpoint (the future it abandons), so "newest" and pruning mean this run's.
         dropped = discard_checkpoints(self.run_dir, after=self.resumed_from.step if self.resumed_from else -1)
+        if resume is None and (self.run_dir / "adapter").is_dir():  # --overwrite
+            shutil.rmtree(self.run_dir / "adapter")
+            dropped.append(self.run_dir / "adapter")
         if dropped:
-            log.warning("removed %d checkpoint(s) of an earlier run in %s (%s)", len(dropped),
-                        self.run_dir / "checkpoints", ", ".join(p.name for p in dropped))
+            log.warning("removed %d checkpoint(s) or adapter(s) of an earlier run in %s (%s)", len(dropped),
+                        self.run_dir, ", ".join(p.name for p in dropped))
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))  # after the checks: a refused resume keeps it
         clock.seconds["checks"] = time.perf_counter() - self._t0
 
@@ -561,6 +575,8 @@ class PPOTrainer:
             "reward_last": records[-1]["reward_mean"] if records else None,
             "kl_per_seq_last": records[-1]["kl_per_seq"] if records else None,
             "kl_target": self.cfg.ppo.kl_target, "kl_coef_last": self.kl_ctl.value,
+            "builtin_task": builtin_task(self.cfg),
+            "reward_components": [c.name for c in reward_components(self.cfg, self.reward_path)],
             "stale_samples": sum(r["stale_samples"] for r in records),
             "logprob_gap_max": max((r["logprob_gap"] for r in records), default=None),
             "truncated": self.cfg.ppo.truncated,

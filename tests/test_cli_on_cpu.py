@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -46,3 +47,19 @@ def test_generate_prints_samples(tiny_model_dir):
                  "rollout.max_new_tokens=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count(" -> ") == 2
+
+
+def test_configs_layer_and_the_default_is_the_embedded_run(tmp_path):
+    """`--config` given twice: the second file over the first (a base, then a preset), then the
+    overrides; with no --config, the embedded default run's configs/tiny_cpu.yaml."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("ppo:\n  estimator: grpo\n  steps: 7\nrollout:\n  samples_per_prompt: 4\n")
+    r = rlhf_ray("config", "--config", TINY, "--config", str(preset), "ppo.steps=9")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["ppo"]["estimator"] == "grpo" and cfg["ppo"]["steps"] == 9  # override over preset over base
+    assert cfg["rollout"]["samples_per_prompt"] == 4 and cfg["ppo"]["kl_target"] == 5.0  # the base's own
+    assert yaml.safe_load(rlhf_ray("config").stdout) == yaml.safe_load(rlhf_ray("config", "--config", TINY).stdout)
+    preset.write_text("ppo:\n  stepz: 7\n")
+    r = rlhf_ray("config", "--config", TINY, "--config", str(preset))
+    assert r.returncode == 2 and f"{preset}: ppo.stepz: unknown key" in r.stderr

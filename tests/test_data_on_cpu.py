@@ -1,5 +1,6 @@
 """The generated task, the judge, and the loaders' shapes and error paths (no Ray, no models)."""
 import json
+import re
 
 import pytest
 
@@ -197,3 +198,52 @@ def test_blank_and_white_space_files_say_so(tmp_path):
     ws.write_text("  \n")
     with pytest.raises(DataError, match=r"^rm.data_path='.*ws\.json': the file is empty \(white space only\)"):
         load_preferences(str(ws), "rm.data_path", "skip")
+
+
+def test_files_are_read_whole_unless_the_user_caps_them(tmp_path, caplog):
+    """num_prompts/num_examples/num_pairs size the generated data only: a user's 300 records all
+    train, whatever they are; a cap is the user's own key, and the load report says what it left."""
+    from rlhf_ray.data.prompts import prompt_records
+    from rlhf_ray.stages.rm import preference_data
+    from rlhf_ray.stages.sft import sft_examples
+
+    caplog.set_level("INFO", logger="rlhf_ray")
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}?", "answer": f"{i} #### {i}"} for i in range(300)])
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"p{i}", "chosen": " good", "rejected": " bad"}
+                                              for i in range(300)])
+    small = ["data.num_prompts=5", "sft.num_examples=5", "rm.num_pairs=5"]
+    cfg = load_config(None, [*small, f"sft.data_path={qa}", f"rm.data_path={pairs}"])
+    assert load_prompt_texts(cfg.data, str(qa)) == [f"q{i}?" for i in range(300)]
+    assert len(sft_examples(cfg)[0]) == 300 and sft_examples(cfg)[0][7] == {"prompt": "q7?", "response": " 7 #### 7"}
+    train, held, _ = preference_data(cfg)
+    assert len(train) + len(held) == 300
+    capped = load_config(None, [*small, "data.max_prompts=10", f"sft.data_path={qa}", "sft.max_examples=20"])
+    assert len(load_prompt_texts(capped.data, str(qa))) == 10 and len(sft_examples(capped)[0]) == 20
+    assert "read 300, kept 10, left out 290: 290 over the cap of 10" in caplog.text
+    # Each prompt keeps its record's other columns, and where it came from, through the fitting.
+    from rlhf_ray.models import load_tokenizer
+    from rlhf_ray.models.tiny import build_tiny_model
+
+    tok = load_tokenizer(str(build_tiny_model(tmp_path / "m")))
+    ps = prompt_records(capped.data, str(qa), tok, cap=3, max_new_tokens=8, max_model_len=256)
+    assert ps.columns == [{"answer": f"{i} #### {i}"} for i in range(3)] and ps.where == [f"{qa}:{i}" for i in (1, 2, 3)]
+
+
+def test_the_math_task_and_its_judge():
+    from rlhf_ray.data import math_task
+
+    train, held = math_task.math_problems(200, 0, "train"), math_task.math_problems(50, 0, "heldout")
+    assert all(p["question"].split()[0] not in math_task.HELDOUT_NAMES for p in train)
+    assert all(p["question"].split()[0] in math_task.HELDOUT_NAMES for p in held)
+    for p in train:
+        a, b = (int(x) for x in re.findall(r"\d+", p["question"])[:2])
+        assert p["answer"].endswith(f"#### {a + b if 'more' in p['question'] else a - b}")
+    judge = task.JUDGES["exact_match"]
+    assert judge(" 3 + 4 = 7. #### 7", {"answer": "3 + 4 = 7. #### 7"}).score == 1.0
+    assert judge(" 3 + 4 = 7. #### 8", {"answer": "#### 7"}).score == 0.0
+    assert judge(" the answer is 7", {"answer": "#### 7"}).score == 1.0  # no ####: the last number
+    assert judge(" no number", {"answer": "#### 7"}).score == 0.0 and judge("7", {}).score == 0.0
+    with pytest.raises(ValueError, match="data.task=math has no generated preference pairs"):
+        from rlhf_ray.stages.rm import preference_data
+
+        preference_data(load_config(None, ["data.task=math"]))

@@ -55,9 +55,9 @@ def _processes_of(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A head of this test's own: free ports for every service, its own temp dir, run with
+    """A head of this module's own (its jobs run one after the other): free ports for every service, its own temp dir, run with
     `ray start --block` so that ending that one process ends this head alone. Never
     `ray stop`, which stops every Ray process of the user on the machine."""
     gcs, dash, client, node, objects, env_agent, agent_grpc, agent_http, metrics = _free_ports(9)
@@ -100,24 +100,20 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_dir):
-    """`rlhf-ray run` (SFT, reward model, PPO with the held-out judge, report) as a Ray job,
-    at small sizes: what `make run` does, submitted to a cluster."""
-    out = tmp_path / "job_runs"
+def _submit(address: str, working_dir: Path, *entrypoint: str) -> str:
+    """Submit a job, wait for its end; returns its logs (the test fails unless it succeeded)."""
     submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait",
-         "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
-         sys.executable, "-m", "rlhf_ray.cli", "run", "--config", "configs/tiny_cpu.yaml",
-         f"model.path={tiny_model_dir}", f"output.dir={out}", "output.name=job",
-         "sft.num_examples=200", "sft.epochs=1", "rm.num_pairs=64", "rm.epochs=1", "eval.num_prompts=4",
-         "ppo.steps=2", "ppo.batch_size=8", "learner.minibatch_size=4"],
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait",
+         "--working-dir", str(working_dir), "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
+         sys.executable, "-m", "rlhf_ray.cli", *entrypoint],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stderr[-3000:]
     job_id = next(tok for line in submit.stdout.splitlines() for tok in line.replace("'", " ").split()
                   if tok.startswith("raysubmit_"))
+
     def ray_job(*args):
-        r = subprocess.run([str(BIN / "ray"), "job", *args, "--address", ray_head],
-                              env=_env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run([str(BIN / "ray"), "job", *args, "--address", address],
+                           env=_env(), capture_output=True, text=True, timeout=120)
         return r.stdout + r.stderr  # the CLI prints the job's status on stderr
 
     final = re.compile(rf"job '{job_id}'(:| has)? (succeeded|failed|stopped)", re.IGNORECASE)
@@ -130,6 +126,17 @@ def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_d
             time.sleep(5)
     logs = ray_job("logs", job_id)
     assert found is not None and found.group(2).lower() == "succeeded", status + logs[-5000:]
+    return logs
+
+
+def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_dir):
+    """`rlhf-ray run` (SFT, reward model, PPO with the held-out judge, report) as a Ray job,
+    at small sizes: what `make run` does, submitted to a cluster."""
+    out = tmp_path / "job_runs"
+    logs = _submit(ray_head, ROOT, "run", "--config", "configs/tiny_cpu.yaml",
+                   f"model.path={tiny_model_dir}", f"output.dir={out}", "output.name=job",
+                   "sft.num_examples=200", "sft.epochs=1", "rm.num_pairs=64", "rm.epochs=1", "eval.num_prompts=4",
+                   "ppo.steps=2", "ppo.batch_size=8", "learner.minibatch_size=4")
     run = out / "job"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generated_with_version"] for r in records] == [[0], [1]]
@@ -163,3 +170,56 @@ def tb_keys(log_dir):
     from test_tracking_on_cpu import _tensorboard_scalars
 
     return set(_tensorboard_scalars(log_dir)[0])
+
+
+# A user's reward function: the exact answer scores 1. It also checks that the record's columns
+# are those of the prompt it is given (the question's numbers make the answer), which fails if
+# the columns reached another prompt's samples, as an asynchronous step could make them.
+USER_REWARD = """
+import re
+
+
+def score(prompts, responses, answer):
+    out = []
+    for prompt, response, want in zip(prompts, responses, answer):
+        a, b = map(int, re.findall(r"\\d+", prompt)[:2])
+        expect = a + b if "more" in prompt else a - b
+        if int(want.split("####")[1]) != expect:
+            raise ValueError(f"the answer column {want!r} is not that of the prompt {prompt!r}")
+        got = re.findall(r"-?\\d+", response.split("####")[-1])
+        out.append(1.0 if got and int(got[-1]) == expect else 0.0)
+    return out
+"""
+
+
+def test_a_users_own_task_from_another_directory(ray_head, tmp_path):
+    """A user's question/answer JSONL and reward function in a directory of their own, trained
+    GRPO-style through `ray job submit` with no edit to the package, asynchronously (columns
+    travel with samples a version ahead); the reward component reaches metrics and TensorBoard."""
+    from rlhf_ray.data.math_task import math_problems
+
+    task = tmp_path / "my_task"
+    task.mkdir()
+    for name, split, n in (("qa.jsonl", "train", 200), ("qa_test.jsonl", "heldout", 8)):
+        (task / name).write_text("".join(json.dumps(p) + "\n" for p in math_problems(n, 1, split)))
+    (task / "check_answer.py").write_text(USER_REWARD)
+    out = tmp_path / "runs"
+    logs = _submit(ray_head, task, "run", "--config", str(ROOT / "configs" / "tiny_cpu_math.yaml"),
+                   f"model.tiny_dir={tmp_path / 'tiny_math'}", f"output.dir={out}", "output.name=mine",
+                   "sft.data_path=qa.jsonl", "data.prompts_path=qa.jsonl", "eval.prompts_path=qa_test.jsonl",
+                   "reward.functions=[{path: check_answer.py:score, name: correct}]",
+                   "sft.epochs=1", "ppo.steps=3", "ppo.batch_size=4", "learner.minibatch_size=8",
+                   "rollout.max_staleness=1", "ppo.tis_cap=2.0")
+    run = out / "mine"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(0.0 <= r["reward/correct"] <= 1.0 for r in records)
+    assert [r["reward_mean"] for r in records] == [r["reward/correct"] for r in records]  # the only component
+    assert max(r["stale_samples"] for r in records) > 0  # asynchronous: samples a version behind were scored
+    assert not (run / "reward_model").exists()  # a function alone: no reward model trained or loaded
+    ppo = json.loads((run / "ppo.json").read_text())
+    assert ppo["reward_model"] is None and ppo["eval"]["after"]["judge"] == "exact_match"
+    assert "reward/correct" in ppo["eval"]["after"]
+    # The user's file is read whole (no cap unless data.max_prompts is set), and the log says so.
+    assert "data.prompts_path: qa.jsonl: read 200, kept 200" in (run / "logs" / "driver.log").read_text()
+    tb = tb_keys(run / "tensorboard" / "ppo")
+    assert "ppo/reward/correct" in tb, sorted(tb)[:20]

@@ -18,17 +18,17 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def test_exact_counts_from_config_json_alone():
-    s = model_shape(str(ROOT / "configs/models/llama-2-7b"), 16, QKVO)
+    s = model_shape(str(ROOT / "configs/shapes_only/meta-llama/Llama-2-7b-hf"), 16, QKVO)
     # 32 layers x (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) + 2 x 32000 x 4096 + 4096
     assert s.total_params == 6_738_415_616
     assert s.lora_params == 32 * 4 * 16 * (4096 + 4096) == 16_777_216 and s.lora_targets == 128
     assert s.kv_bytes_per_token(2) == 2 * 32 * 32 * 128 * 2  # 512 KiB per token in bf16
-    s8 = model_shape(str(ROOT / "configs/models/llama-3.1-8b"), 16, QKVO)
+    s8 = model_shape(str(ROOT / "configs/shapes_only/meta-llama/Llama-3.1-8B"), 16, QKVO)
     assert s8.total_params == 8_030_261_248
     # k and v project 4096 -> 1024 (8 KV heads of 128)
     assert s8.lora_params == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024)) == 13_631_488
     with pytest.raises(ValueError, match="gate_proj2"):
-        model_shape(str(ROOT / "configs/models/llama-2-7b"), 16, ["q_proj", "gate_proj2"])
+        model_shape(str(ROOT / "configs/shapes_only/meta-llama/Llama-2-7b-hf"), 16, ["q_proj", "gate_proj2"])
 
 
 def test_static_bytes_equal_what_the_learner_allocates(tiny_cfg, tiny_model_dir):
@@ -158,7 +158,7 @@ def test_more_bandwidth_means_more_decode_tokens_per_s():
 def llama2():
     from rlhf_ray.config import load_config
 
-    cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml", [f"model.path={ROOT / 'configs/models/llama-2-7b'}"])
+    cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml", [f"model.path={ROOT / 'configs/shapes_only/meta-llama/Llama-2-7b-hf'}"])
     return cfg, model_shape(cfg.model.path, cfg.lora.rank, list(cfg.lora.target_modules))
 
 

@@ -88,3 +88,28 @@ def test_role_without_cuda_names_itself():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"reward: reward.num_gpus=1 but CUDA is not available"):
             role_device("reward", 1, "reward.num_gpus=1")
+
+
+@pytest.mark.integration
+def test_run_checks_every_stage_before_sft(tmp_path, ray_head):
+    """`run` used to train SFT and the reward model and only then find that the PPO roles do not
+    fit the cluster; now every stage's resources are checked before the first starts."""
+    r = rlhf_ray("run", "--config", TINY, f"output.dir={tmp_path}", "output.name=r", "learner.num_cpus_per_worker=8",
+                 env={"RAY_ADDRESS": ray_head.address})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "learner.num_cpus_per_worker=8 x 2" in r.stderr and "but the Ray cluster has 8" in r.stderr
+    assert not (tmp_path / "r" / "sft_model").exists() and "sft:" not in r.stdout
+
+
+def test_an_earlier_run_is_not_replaced_unless_asked(tmp_path, ppo_args):
+    """A rerun with the same output.name used to delete the earlier run's checkpoints; now it is
+    refused in seconds (before Ray starts: this is a fast test), naming --resume and --overwrite."""
+    run = tmp_path / "tiny_cpu"
+    (run / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    for cmd in ("train", "run"):
+        r = rlhf_ray(cmd, *ppo_args)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert (f"{run} holds an earlier run (1 checkpoint(s) and its adapter): `rlhf-ray train --resume` continues it, "
+                "--overwrite replaces it, or set another output.name") in r.stderr
+    assert (run / "adapter").is_dir() and (run / "checkpoints" / "step-000004").is_dir()

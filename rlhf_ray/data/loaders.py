@@ -358,6 +358,17 @@ def renderer(cfg: DataConfig, tokenizer) -> Renderer:
     return r
 
 
+def _dialogue_turn(text: str, name: str) -> tuple[str, str]:
+    """(the dialogue up to and with its last ``\n\nAssistant:``, the reply after it)."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise BadRecord(f"{name!r} has no '\n\nAssistant:' turn to split the prompt from the reply at")
+    prompt, reply = text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
+    if not reply.strip():
+        raise BadRecord(f"empty reply at the end of {name!r}")
+    return prompt, reply
+
+
 def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Prompt + two replies from full dialogue texts that share the prompt."""
     cut = chosen.rfind(ASSISTANT)
@@ -375,16 +386,22 @@ def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 # -- the three shapes -----------------------------------------------------------------------
 def parse_sft(rec: dict, render: Renderer = PLAIN) -> dict[str, str]:
-    """-> {"prompt", "response"}; a ``text``-only record has an empty prompt (loss on all of it)."""
+    """-> {"prompt", "response"}; a ``text``-only record has an empty prompt (loss on all of it);
+    ``question`` + ``answer`` (GSM8K's shape) is a prompt and its worked answer."""
     if "messages" in rec:
         prompt, response = render.dialogue(rec["messages"], "messages")
+    elif "question" in rec and "answer" in rec and "prompt" not in rec:
+        prompt, response = _text(rec, "question"), " " + _text(rec, "answer").strip()
+    elif "chosen" in rec and "prompt" not in rec and isinstance(rec["chosen"], str):
+        prompt, response = _dialogue_turn(_text(rec, "chosen"), "chosen")  # a preference set: its chosen reply
     elif "prompt" in rec:
         prompt = _text(rec, "prompt")
         response = _text(rec, "completion" if "completion" in rec else "response")
     elif "text" in rec:
         prompt, response = "", _text(rec, "text")
     else:
-        raise BadRecord(f"expected prompt+response, prompt+completion, text or messages (has {sorted(rec)})")
+        raise BadRecord(f"expected prompt+response, prompt+completion, question+answer, text or messages "
+                        f"(has {sorted(rec)})")
     return {"prompt": prompt, "response": response}
 
 
@@ -427,6 +444,8 @@ def prompt_parser(cfg: DataConfig, report: LoadReport,
 
     def parse(rec: dict) -> Optional[tuple[str, dict]]:
         name = cfg.text_field or next((k for k in TEXT_FIELDS if k in rec), None)
+        if name is None and isinstance(rec.get("chosen"), str):  # a preference set: the dialogue before the reply
+            return _dialogue_turn(_text(rec, "chosen"), "chosen")[0], {k: v for k, v in rec.items()}
         if name is None:
             raise BadRecord(f"no text column: expected one of {list(TEXT_FIELDS)} or data.text_field "
                             f"(has {sorted(rec)})")

@@ -16,12 +16,14 @@ NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "
 ITEMS = ("apples", "pens", "cards", "coins", "books", "cups", "eggs", "hats", "keys", "shells", "stamps", "toys")
 HELDOUT_NAMES = tuple(NAMES[3::4])  # 4 of 16
 _SPLITS = {"train": tuple(n for n in NAMES if n not in HELDOUT_NAMES), "heldout": HELDOUT_NAMES, "all": NAMES}
+MAX_OPERAND = 9  # 126 distinct problems, each seen in SFT many times
+SLIP_RATE = 0.5  # SFT answers off by one this often: the SFT policy is right about half the time
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def problem(rng: random.Random, names: tuple[str, ...]) -> dict[str, str]:
     name, item = rng.choice(names), rng.choice(ITEMS)
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     if rng.random() < 0.5:
         q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
         return {"question": q, "answer": f"{a} + {b} = {a + b}. #### {a + b}"}
@@ -38,9 +40,19 @@ def math_problems(n: int, seed: int = 0, split: str = "train") -> list[dict[str,
 
 
 def sft_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Worked answers to problems over all names: the format, and arithmetic the policy gets
-    right only some of the time when it samples."""
-    return [{"prompt": p["question"], "response": " " + p["answer"]} for p in math_problems(n, seed, "all")]
+    """Worked answers to problems over all names, the result off by one in ``SLIP_RATE`` of them
+    (as careless demonstrations are): the SFT policy learns the format and samples a right answer
+    about half the time, which a reward that checks the answer can then raise."""
+    rng = random.Random(f"math-sft-{seed}")
+    out = []
+    for p in math_problems(n, seed, "all"):
+        answer = p["answer"]
+        if rng.random() < SLIP_RATE:
+            work, result = answer.split(" = ")[0], int(answer.rsplit("#### ", 1)[1])
+            slip = result + rng.choice([-1, 1]) if result > 0 else result + 1
+            answer = f"{work} = {slip}. #### {slip}"
+        out.append({"prompt": p["question"], "response": " " + answer})
+    return out
 
 
 def corpus(n: int = 4000, seed: int = 0) -> list[str]:

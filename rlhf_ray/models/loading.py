@@ -29,6 +29,21 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return resolve_path(cfg.path, "model.path")
 
 
+SHAPES_ONLY = Path(__file__).resolve().parents[2] / "configs" / "shapes_only"
+
+
+def shape_path(cfg: ModelConfig) -> str:
+    """A directory whose config.json has the model's architecture, for ``plan`` and
+    ``--rehearse`` (which need no weights): model.path when it is local or a cached hub id,
+    else the shipped ``configs/shapes_only/<hub id>`` if there is one."""
+    if cfg.path is not None and not Path(cfg.path).expanduser().exists() and (SHAPES_ONLY / cfg.path / "config.json").is_file():
+        import huggingface_hub
+
+        cached = huggingface_hub.try_to_load_from_cache(cfg.path, "config.json")
+        return str(Path(cached).parent) if isinstance(cached, str) else str(SHAPES_ONLY / cfg.path)
+    return resolve_model_path(cfg)
+
+
 def resolve_path(path: str, key: str) -> str:
     """A model directory (made absolute) or a hub id (checked: in the cache, or downloadable);
     FileNotFoundError naming ``key`` otherwise."""
