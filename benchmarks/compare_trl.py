@@ -175,9 +175,9 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     steps, new = args.trl_steps, cfg.rollout.max_new_tokens
     main_cfg = grpo_config(cfg, steps, new)
     base, reward = policy_base(main_cfg), reward_path(main_cfg)
-    prompts = load_prompt_texts(cfg.data, cfg.data.prompts_path)
+    prompts = load_prompt_texts(cfg.data, cfg.data.prompts_path, cap=cfg.data.max_prompts)
     held = load_prompt_texts(cfg.data, cfg.eval.prompts_path, key="eval.prompts_path",
-                             num=cfg.eval.num_prompts, split="heldout")
+                             num=cfg.eval.num_prompts, cap=cfg.eval.max_prompts, split="heldout")
     k = cfg.eval.samples_per_prompt
 
     # The main row: the config's model, judged.

@@ -218,7 +218,7 @@ def test_files_are_read_whole_unless_the_user_caps_them(tmp_path, caplog):
     train, held, _ = preference_data(cfg)
     assert len(train) + len(held) == 300
     capped = load_config(None, [*small, "data.max_prompts=10", f"sft.data_path={qa}", "sft.max_examples=20"])
-    assert len(load_prompt_texts(capped.data, str(qa))) == 10 and len(sft_examples(capped)[0]) == 20
+    assert len(load_prompt_texts(capped.data, str(qa), cap=capped.data.max_prompts)) == 10 and len(sft_examples(capped)[0]) == 20
     assert "read 300, kept 10, left out 290: 290 over the cap of 10" in caplog.text
     # Each prompt keeps its record's other columns, and where it came from, through the fitting.
     from rlhf_ray.models import load_tokenizer

@@ -78,7 +78,7 @@ def test_functions_mix_with_a_reward_model(untrained_rm, tmp_path):
 def test_a_raising_function_names_itself_the_step_and_the_record(tmp_path):
     f = _file(tmp_path, """
         def picky(prompts, responses, answer):
-            return [1.0 if int(a.split('####')[1]) < 5 else 1 / 0 for a in answer]
+            return [1 / 0 if int(a.split('####')[1]) == 3 else 1.0 for a in answer]
     """)
     cfg = _cfg(f"reward.functions=[{f}:picky]")
     scorer = RewardScorer(cfg, None, check_reward_functions(cfg, COLUMNS))

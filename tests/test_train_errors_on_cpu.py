@@ -107,6 +107,7 @@ def test_an_earlier_run_is_not_replaced_unless_asked(tmp_path, ppo_args):
     run = tmp_path / "tiny_cpu"
     (run / "adapter").mkdir(parents=True)
     (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004" / "state.json").write_text("{}")  # what marks one complete
     for cmd in ("train", "run"):
         r = rlhf_ray(cmd, *ppo_args)
         assert r.returncode == 1, r.stderr[-2000:]
