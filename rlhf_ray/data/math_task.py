@@ -17,7 +17,7 @@ ITEMS = ("apples", "pens", "cards", "coins", "books", "cups", "eggs", "hats", "k
 HELDOUT_NAMES = tuple(NAMES[3::4])  # 4 of 16
 _SPLITS = {"train": tuple(n for n in NAMES if n not in HELDOUT_NAMES), "heldout": HELDOUT_NAMES, "all": NAMES}
 MAX_OPERAND = 9  # 126 distinct problems, each seen in SFT many times
-SLIP_RATE = 0.5  # SFT answers off by one this often: the SFT policy is right about half the time
+SLIP_RATE = 0.3  # SFT answers that restate a number instead of the result
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -40,17 +40,18 @@ def math_problems(n: int, seed: int = 0, split: str = "train") -> list[dict[str,
 
 
 def sft_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Worked answers to problems over all names, the result off by one in ``SLIP_RATE`` of them
-    (as careless demonstrations are): the SFT policy learns the format and samples a right answer
-    about half the time, which a reward that checks the answer can then raise."""
+    """Worked answers to problems over all names; in ``SLIP_RATE`` of them a careless
+    demonstrator restates the first number of the question as the result. The SFT policy learns
+    the format and both habits, so it samples a right answer about half the time: what a reward
+    that checks the answer can raise."""
     rng = random.Random(f"math-sft-{seed}")
     out = []
     for p in math_problems(n, seed, "all"):
         answer = p["answer"]
         if rng.random() < SLIP_RATE:
-            work, result = answer.split(" = ")[0], int(answer.rsplit("#### ", 1)[1])
-            slip = result + rng.choice([-1, 1]) if result > 0 else result + 1
-            answer = f"{work} = {slip}. #### {slip}"
+            work = answer.split(" = ")[0]
+            first = work.split()[0]
+            answer = f"{work} = {first}. #### {first}"
         out.append({"prompt": p["question"], "response": " " + answer})
     return out
 
