@@ -152,7 +152,7 @@ def _check_every_stage(cfg: Config) -> None:
     cluster cannot hold fails now, not after SFT and the reward model have trained."""
     from .launch import connect, preflight, stage_requests
 
-    connect(cfg)
+    print(f"ray: {connect(cfg)}")
     preflight(cfg, stage_requests("sft", cfg.sft))
     if trains_rm(cfg):
         preflight(cfg, stage_requests("rm", cfg.rm))

@@ -43,7 +43,7 @@ class ExperienceMaker:
     def score(self, samples: Samples, step: int = -1) -> tuple[torch.Tensor, dict[str, list], float]:
         """(reward per sample, each component's scores, compute seconds of the slowest reward actor).
         Contiguous shares, one per actor, sent at once."""
-        k, n = len(self.rewards), len(samples)
+        k, n = len(self.rewards), len(samples.prompts)
         bounds = [n * i // k for i in range(k + 1)]
         sent = []
         for (name, handle), a, b in zip(self.rewards, bounds, bounds[1:]):
