@@ -84,8 +84,9 @@ class ModelConfig:
         _positive(self, "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_vocab", "tiny_max_positions")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                f"must be one of float32, bfloat16, float16, got {self.dtype!r}")
-        _check(self.tiny_corpus in ("reviews", "math"), "tiny_corpus",
-               f"must be 'reviews' or 'math', got {self.tiny_corpus!r}")
+        from .data.task import TASKS
+
+        _check(self.tiny_corpus in TASKS, "tiny_corpus", f"must be one of {list(TASKS)}, got {self.tiny_corpus!r}")
         _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
                f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
         _seed(self)
@@ -317,6 +318,13 @@ class RewardFunctionConfig:
     weight: float = 1.0  # its factor in the weighted sum of reward components
     name: Optional[str] = None  # its metrics key reward/<name>; None = the function's name
 
+    @property
+    def label(self) -> str:
+        """Its component name: ``name``, else the function's (ValueError for a malformed path)."""
+        from .rewards import split_target
+
+        return self.name or split_target(self.path)[1]
+
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -348,14 +356,11 @@ class RewardConfig:
                f"must be an http:// or https:// URL, got {self.url!r}")
         names: list[str] = []
         for i, f in enumerate(self.functions):
-            from .rewards import split_target
-
             try:
-                _, fn = split_target(f.path)
+                names.append(f.label)
             except ValueError as e:
                 raise _FieldError(f"functions[{i}].path", str(e)) from None
             _check(math.isfinite(f.weight), f"functions[{i}].weight", f"must be finite, got {f.weight!r}")
-            names.append(f.name or fn)
         for i, name in enumerate(names):
             _check(name not in names[:i] and name not in ("model", "remote", self.rule),
                    f"functions[{i}].name", f"{name!r} names two reward components; give each function a name")

@@ -223,7 +223,7 @@ def post_scores(url: str, prompts: list[str], responses: list[str], columns: lis
             if e.code < 500:
                 break  # the request itself is wrong: sending it again changes nothing
             continue
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except OSError as e:  # URLError, a refused connection, a socket timeout
             reason = getattr(e, "reason", e)
             last = f"no answer within reward.timeout_s={timeout_s:g}" if "timed out" in str(reason) else str(reason)
             continue
@@ -270,7 +270,7 @@ def check_reward_functions(cfg, columns: list[dict]) -> dict[str, str]:
         try:
             source = read_source(f.path, key)
             fn = load_function(f.path, key, source)
-            check_arguments(fn, f.name or split_target(f.path)[1], names)
+            check_arguments(fn, f.label, names)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if source is not None:

@@ -10,7 +10,7 @@ import torch
 from ..config import Config
 from ..devices import role_device
 from ..logs import redirect_output
-from ..rewards import Component, Score, call_function, combine, load_function, post_scores, split_target
+from ..rewards import Component, Score, call_function, combine, load_function, post_scores
 from ..telemetry import MemorySampler
 
 
@@ -23,7 +23,7 @@ def reward_components(cfg: Config, reward_path: Optional[str]) -> list[Component
     if r.rule is not None:
         out.append(Component(r.rule, "rule", 1.0, r.rule))
     for f in r.functions:
-        out.append(Component(f.name or split_target(f.path)[1], "function", f.weight, f.path))
+        out.append(Component(f.label, "function", f.weight, f.path))
     if r.url is not None:
         out.append(Component("remote", "remote", r.url_weight, r.url))
     return out

@@ -359,10 +359,10 @@ def renderer(cfg: DataConfig, tokenizer) -> Renderer:
 
 
 def _dialogue_turn(text: str, name: str) -> tuple[str, str]:
-    """(the dialogue up to and with its last ``\n\nAssistant:``, the reply after it)."""
+    """(the dialogue up to and with its last ``ASSISTANT`` marker, the reply after it)."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
-        raise BadRecord(f"{name!r} has no '\n\nAssistant:' turn to split the prompt from the reply at")
+        raise BadRecord(f"{name!r} has no {ASSISTANT!r} turn to split the prompt from the reply at")
     prompt, reply = text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
     if not reply.strip():
         raise BadRecord(f"empty reply at the end of {name!r}")
