@@ -39,8 +39,9 @@ else
 endif
 	touch $(STAMP)
 
+# The demo reruns in place: it replaces its own earlier run (`rlhf-ray run` alone refuses to).
 run: $(STAMP)
-	$(VENV)/bin/rlhf-ray run --config $(CONFIG)
+	$(VENV)/bin/rlhf-ray run --config $(CONFIG) --overwrite
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: $(STAMP)
