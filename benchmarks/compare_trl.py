@@ -43,7 +43,9 @@ def grpo_config(cfg, steps: int, max_new_tokens: int):
                               loss_agg="token_mean", ratio_level="token", clip_eps_high=None)
     rollout = dataclasses.replace(cfg.rollout, samples_per_prompt=GENERATIONS_PER_PROMPT,
                                   max_new_tokens=max_new_tokens)
-    return dataclasses.replace(cfg, ppo=ppo, rollout=rollout)
+    # The PPO run's rows per optimizer step, now GENERATIONS_PER_PROMPT to a prompt.
+    learner = dataclasses.replace(cfg.learner, minibatch_size=max(1, cfg.learner.minibatch_size // GENERATIONS_PER_PROMPT))
+    return dataclasses.replace(cfg, ppo=ppo, rollout=rollout, learner=learner)
 
 
 @torch.no_grad()
@@ -109,7 +111,7 @@ def _trl(cfg, base: str, reward: str, prompts: list[str], steps: int, out_dir: s
         return scorer.score(prompts, completions)
 
     per_step = cfg.ppo.batch_size * cfg.rollout.samples_per_prompt  # samples generated per rlhf-ray step
-    minibatch = cfg.learner.minibatch_size
+    minibatch = cfg.minibatch_rows  # completions per optimizer step
     rounds = per_step // minibatch  # optimizer steps per generation round and epoch
     args = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",

@@ -393,7 +393,10 @@ class LearnerConfig:
     use_gpu: bool = False
     lr: float = 1e-3
     epochs: int = 2  # PPO epochs over each rollout batch
-    minibatch_size: int = 16  # rows per optimizer step, over all workers together
+    # Prompts per optimizer step, over all workers together; each brings its
+    # rollout.samples_per_prompt samples, so the rows are minibatch_size x samples_per_prompt and a
+    # PPO step makes epochs x ppo.batch_size / minibatch_size optimizer steps whatever the group size.
+    minibatch_size: int = 16
     micro_batch_size: int = 2  # rows per forward/backward on one worker; gradients accumulate
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
@@ -406,6 +409,11 @@ class LearnerConfig:
                   "max_grad_norm")
         _check(self.num_cpus_per_worker >= 0, "num_cpus_per_worker",
                f"must be >= 0, got {self.num_cpus_per_worker!r}")
+
+
+# The off-policy correction's cap when rollouts run ahead of the learner (ppo.tis_cap null):
+# the value the truncated-IS literature and verl's rollout correction use.
+TIS_CAP_ASYNC = 2.0
 
 
 @dataclass(frozen=True)
@@ -445,7 +453,9 @@ class PPOConfig:
     max_bad_steps: int = 3
     # Truncated importance sampling: the policy term of each token is weighted by
     # min(pi_old / pi_behaviour, tis_cap), pi_behaviour being what the generator sampled with (an
-    # older version with rollout.max_staleness > 0, or the engine's numerics). null = off.
+    # older version with rollout.max_staleness > 0, or the engine's numerics). null = on at
+    # TIS_CAP_ASYNC when rollout.max_staleness >= 1 (stale samples need it), off when synchronous;
+    # 0 = off even then.
     tis_cap: Optional[float] = None
     tis_level: str = "token"  # token | sequence (one weight per response, from its summed log-ratio)
 
@@ -473,11 +483,36 @@ class PPOConfig:
 
         _check(self.loss_agg is None or self.loss_agg in LOSS_AGGREGATIONS, "loss_agg",
                f"must be one of {list(LOSS_AGGREGATIONS)} or null, got {self.loss_agg!r}")
-        _check(self.tis_cap is None or self.tis_cap > 0, "tis_cap", f"must be > 0 or null, got {self.tis_cap!r}")
+        _check(self.tis_cap is None or self.tis_cap >= 0, "tis_cap",
+               f"must be > 0, 0 (off) or null (on when rollout.max_staleness >= 1), got {self.tis_cap!r}")
         _check(self.tis_level in ("token", "sequence"), "tis_level",
                f"must be 'token' or 'sequence', got {self.tis_level!r}")
         _check(self.truncated in ("score", "penalty", "mask"), "truncated",
                f"must be one of score, penalty, mask, got {self.truncated!r}")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The divergence guard (rlhf_ray/guard.py): each PPO step's record is checked for the signs
+    of a run going wrong; each sign past its limit is a warning with the figure and the step."""
+
+    action: str = "stop"  # after `patience` alarmed steps in a row: stop (last good checkpoint and adapter named) | warn | off
+    patience: int = 3  # alarmed steps in a row before the action
+    kl_factor: float = 3.0  # alarm: KL per response above kl_factor x ppo.kl_target
+    kl_max: Optional[float] = None  # alarm: KL per response (nats) above this; null = kl_factor x kl_target (off without one)
+    truncation_rise: float = 0.3  # alarm: share of responses cut at the length limit this far above the warm-up's
+    mismatch_max: float = 0.5  # alarm: generator/learner log-prob mismatch (k3, nats per token) above this
+    capped_max: float = 0.3  # alarm: share of tokens whose importance weight exceeds ppo.tis_cap (with TIS on)
+    reward_drop: float = 1.0  # alarm: reward's moving mean below its best by this many warm-up reward stds
+    reward_window: int = 5  # steps in the reward's moving mean
+    warmup: int = 3  # first steps that set the truncation and reward baselines (no alarm on those two)
+
+    def __post_init__(self) -> None:
+        _check(self.action in ("stop", "warn", "off"), "action", f"must be stop, warn or off, got {self.action!r}")
+        _positive(self, "patience", "kl_factor", "truncation_rise", "mismatch_max", "capped_max", "reward_drop",
+                  "reward_window")
+        _nonnegative(self, "warmup")
+        _check(self.kl_max is None or self.kl_max > 0, "kl_max", f"must be > 0 or null, got {self.kl_max!r}")
 
 
 @dataclass(frozen=True)
@@ -569,6 +604,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -580,18 +616,34 @@ class Config:
                f"{self.lora.rank} exceeds the engines' rollout.max_lora_rank={self.rollout.max_lora_rank}")
         # Every learner rank takes the same share of every minibatch and so the same number of
         # backward passes (DDP all-reduces on each optimizer step).
-        lc, rows = self.learner, self.ppo.batch_size * self.rollout.samples_per_prompt
-        _check(lc.minibatch_size % lc.num_workers == 0, "learner.minibatch_size",
-               f"{lc.minibatch_size} is not divisible by learner.num_workers={lc.num_workers}")
-        _check(rows % lc.minibatch_size == 0, "ppo.batch_size",
-               f"{self.ppo.batch_size} prompts x rollout.samples_per_prompt={self.rollout.samples_per_prompt} "
-               f"= {rows} rows is not divisible by learner.minibatch_size={lc.minibatch_size}")
+        lc, n = self.learner, self.rollout.samples_per_prompt
+        _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_size",
+               f"{lc.minibatch_size} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
+               f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.ppo.batch_size % lc.minibatch_size == 0, "ppo.batch_size",
+               f"{self.ppo.batch_size} prompts are not whole minibatches of learner.minibatch_size="
+               f"{lc.minibatch_size} prompts")
 
         from .algo.estimators import ESTIMATORS
 
         _check(not ESTIMATORS[self.ppo.estimator].needs_groups or self.rollout.samples_per_prompt >= 2,
                "rollout.samples_per_prompt", f"ppo.estimator={self.ppo.estimator} compares the samples of a "
                f"prompt and needs at least 2, got {self.rollout.samples_per_prompt}")
+
+    @property
+    def tis_cap(self) -> Optional[float]:
+        """The truncated importance weights' cap in force, None when off: ppo.tis_cap, or with it
+        null, TIS_CAP_ASYNC for an asynchronous run (rollout.max_staleness >= 1)."""
+        cap = self.ppo.tis_cap
+        if cap is None:
+            return TIS_CAP_ASYNC if self.rollout.max_staleness >= 1 else None
+        return cap or None
+
+    @property
+    def minibatch_rows(self) -> int:
+        """Samples per optimizer step over all learner workers: learner.minibatch_size prompts,
+        each with its rollout.samples_per_prompt samples."""
+        return self.learner.minibatch_size * self.rollout.samples_per_prompt
 
     @property
     def loss_agg(self) -> str:

@@ -104,10 +104,10 @@ class ExperienceMaker:
             # The learner recomputed pi_old for these tokens; what sampled them (an older adapter
             # in an asynchronous run, or the engine's numerics) is behaviour_logprobs.
             correction = algo.correction_stats(batch.old_logprobs, batch.behaviour_logprobs, mask,
-                                               cfg.ppo.tis_cap or float("inf"), cfg.ppo.tis_level)
-            if cfg.ppo.tis_cap:
+                                               cfg.tis_cap or float("inf"), cfg.ppo.tis_level)
+            if cfg.tis_cap:
                 batch.is_weights = algo.truncated_is_weights(batch.old_logprobs, batch.behaviour_logprobs,
-                                                             batch.action_mask, cfg.ppo.tis_cap, cfg.ppo.tis_level)
+                                                             batch.action_mask, cfg.tis_cap, cfg.ppo.tis_level)
             if batch.action_mask.sum() >= 2:
                 batch.advantages, batch.returns = algo.estimate_advantages(
                     cfg.ppo.estimator, token_rewards, batch.old_values, batch.action_mask, gamma=cfg.ppo.gamma,

@@ -32,6 +32,7 @@ from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fing
                          metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
+from .guard import DivergenceError, DivergenceGuard
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
 from .logs import close_run_log, link_ray_logs, log_to_run_dir
@@ -214,6 +215,9 @@ class PPOTrainer:
         self._stop_at: Optional[int] = None  # run(): no rollout is sent for a step past its last
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
+        self.guard = DivergenceGuard(cfg.guard, cfg.ppo.kl_target, cfg.tis_cap is not None)
+        # The adapter and value head of the newest step the guard found healthy: what a stopped run keeps.
+        self._good: Optional[tuple[int, Any, dict]] = None
         self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too
         self.evals: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
@@ -222,6 +226,8 @@ class PPOTrainer:
         self.previous_records: list[dict[str, Any]] = []  # the steps before a resume
         if self.resumed_from is not None:
             self._restore_driver(self.resumed_from.state)
+        for r in self.previous_records:  # the guard's baselines and moving means as they were
+            self.guard.check(r)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resumed_from is not None)
         self.gauges = RayGauges(cfg.output.name)
 
@@ -439,16 +445,47 @@ class PPOTrainer:
                       dropped_stale=dropped, rollout_correction=exp.correction)
         record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad),
                       update_skipped=record["update_skipped"] or bool(bad))
+        alarms = self.guard.check(record) if cfg.guard.action != "off" else []
+        record.update(guard=alarms, guard_alarmed_steps=self.guard.total)
         self.metrics.write(record)
         self.trackers.log(record, record["step"])
         self.gauges.set(record)
         self.step_index += 1
         self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
-        if cfg.output.save_every and self.step_index % cfg.output.save_every == 0:
+        self._watch(alarms, record["step"])
+        if cfg.output.save_every and self.step_index % cfg.output.save_every == 0 and not alarms:
             self.save_policy()
-        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0 and not bad:
+        # A step the guard doubts writes no checkpoint, so the newest one is from before the trouble.
+        if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0 and not bad and not alarms:
             self.save_checkpoint()
         return record
+
+    def _watch(self, alarms: list[str], step: int) -> None:
+        """Warn of each alarm; past guard.patience alarmed steps in a row with guard.action=stop,
+        keep the last healthy step's adapter as ``<run>/adapter`` and stop the run."""
+        gc = self.cfg.guard
+        if not alarms:
+            self._good = (step, self.latest_adapter, dict(self.value_head))
+            return
+        log.warning("PPO step %d may be diverging (%d step(s) in a row, guard.action=%s after guard.patience=%d): %s",
+                    step, self.guard.in_row, gc.action, gc.patience, "; ".join(alarms))
+        if gc.action != "stop" or not self.guard.tripped:
+            return
+        kept = "no healthy step yet: no adapter kept"
+        if self._good is not None:
+            import ray
+
+            from .sync import save_policy
+
+            good_step, ref, head = self._good
+            self.adapter_dir = save_policy(ray.get(ref), head, self.run_dir / "adapter")
+            kept = f"the adapter after step {good_step} (the last healthy one) saved to {self.adapter_dir}"
+        last = self.checkpoint_dir or "none written (checkpoint.every is 0)"
+        raise DivergenceError(
+            f"stopped at PPO step {step}: {self.guard.in_row} steps in a row past the guard's limits "
+            f"(guard.patience={gc.patience}): {'; '.join(alarms)}. Last good checkpoint: {last}; {kept}. "
+            "Lower learner.lr, raise ppo.kl_coef or lower rollout.max_staleness, resume with --resume; "
+            "guard.action=warn lets it run on")
 
     def _record(self, exp: Experience, times: dict, updated: Optional[list], swaps: list, stale: int,
                 kl_coef: float) -> dict[str, Any]:
@@ -585,6 +622,7 @@ class PPOTrainer:
             "checkpoint": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "bad_steps": self.bad_steps.total,
+            "guard_alarmed_steps": self.guard.total,
             "rollout_replaced": len(self.fleet.replaced), "learner_restarts": self.learner.restarts,
             "eval": self.evals,
         }

@@ -47,26 +47,40 @@ def test_staleness_zero_is_the_synchronous_loop(fresh_trainer):
 
 
 def test_bounded_staleness_from_per_sample_versions(make_cfg):
-    cfg = make_cfg(*BASE, "rollout.max_staleness=2", "ppo.tis_cap=2.0")
-    seen: list[list[int]] = []
+    cfg = make_cfg(*BASE, "rollout.max_staleness=2", "checkpoint.every=2", "checkpoint.keep=10")
+    assert cfg.tis_cap == 2.0  # the off-policy correction is on by itself when rollouts run ahead
+    trained: list[tuple[int, list[int]]] = []  # (step, the prompt indices it trains on)
     with PPOTrainer(cfg, progress=False) as tr:
-        collect = tr.fleet.collect
+        rollout = tr._rollout
 
-        def spy(sent):  # every sample's own version, as the generators reported it
-            samples = collect(sent)
-            seen.append(list(samples.versions))
-            return samples
+        def spy_rollout(timer):
+            tr._fill_pipeline()  # what _rollout does first; a second call adds nothing
+            trained.append((tr.step_index, list(tr._pending[0][1])))
+            return rollout(timer)
 
-        tr.fleet.collect = spy
+        tr._rollout = spy_rollout
         recs = tr.run(steps=5, evaluate=False)
         assert not tr._pending  # no rollout was sent for a step past the run's last
+        first_pass = list(trained)
+
+        # Back to the step-2 checkpoint with steps 3 and 4 in flight (what a learner restart does):
+        # the prompts in flight are generated again, with the checkpoint's adapter, and every
+        # prompt of the data order is trained on once: none skipped, none repeated.
+        trained.clear()
+        tr.restore_checkpoint(tr.run_dir / "checkpoints" / "step-000002")
+        again = tr.run(steps=3, evaluate=False)
+    assert trained == first_pass[2:]
+    taken = [j for _, idx in first_pass for j in idx]
+    assert len(taken) == len(set(taken)) == 5 * 8
+    assert [r["generated_with_version"] for r in again] == [[2], [2], [2]]  # all three sent after the restore
+    assert [r["staleness"] for r in again] == [{"0": 8}, {"1": 8}, {"2": 8}]
+
     assert [r["samples"] for r in recs] == [8] * 5 and [r["dropped_stale"] for r in recs] == [0] * 5
     # Step k trains on version k; its rollout was sent when step k-2 started, after version k-2
-    # was published (before step 2, version 0 is all there is).
-    for k, versions in enumerate(seen):
-        assert all(k - 2 <= v <= k for v in versions)
-        assert set(versions) == {max(0, k - 2)}
-        assert recs[k]["staleness"] == {str(k - max(0, k - 2)): 8}
+    # was published (before step 2, version 0 is all there is): every sample's own version.
+    for k, r in enumerate(recs):
+        assert r["generated_with_version"] == [max(0, k - 2)]
+        assert r["staleness"] == {str(k - max(0, k - 2)): 8}
     # The generators' log-probs were of an older policy than the learner's recomputation.
     assert recs[0]["rollout_correction"]["mismatch_k3"] < 1e-6 and recs[0]["logprob_gap"] < 1e-5
     assert all(r["logprob_gap"] > 1e-5 for r in recs[2:])

@@ -21,8 +21,8 @@ def test_tiny_config_sections_and_overrides():
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.cluster.address == "auto"
     assert {f.name for f in dataclasses.fields(cfg)} == {
-        "model", "lora", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "eval",
-        "cluster", "output", "checkpoint"}
+        "model", "lora", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "guard",
+        "eval", "cluster", "output", "checkpoint"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.ppo.clip_eps = 0.3  # type: ignore[misc]
 
@@ -64,7 +64,7 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("ppo.ratio_level=row", "ppo.ratio_level"),
     ("ppo.clip_eps_high=0", "ppo.clip_eps_high"),
     ("rollout.max_staleness=-1", "rollout.max_staleness"),
-    ("ppo.tis_cap=0", "ppo.tis_cap"),
+    ("ppo.tis_cap=-1", "ppo.tis_cap"),
     ("ppo.tis_level=batch", "ppo.tis_level"),
     ("rollout.allocator=jemalloc", "rollout.allocator"),
     ("data.chat_template=Auto", "data.chat_template"),  # a path that is a case-slip of auto
@@ -184,10 +184,28 @@ def test_null_section_means_its_defaults(tmp_path):
     assert cfg.lora == Config().lora and cfg.ppo.steps == 3
 
 
+def test_off_policy_correction_is_on_by_itself_for_asynchronous_runs():
+    assert load_config(TINY, []).tis_cap is None  # synchronous: every sample is the learner's policy
+    assert load_config(TINY, ["rollout.max_staleness=1"]).tis_cap == 2.0
+    assert load_config(TINY, ["rollout.max_staleness=1", "ppo.tis_cap=3"]).tis_cap == 3.0
+    assert load_config(TINY, ["rollout.max_staleness=1", "ppo.tis_cap=0"]).tis_cap is None  # off when asked
+    assert load_config(TINY, ["ppo.tis_cap=1.5"]).tis_cap == 1.5
+
+
+def test_a_minibatch_is_prompts_so_the_group_size_does_not_multiply_the_update():
+    one = load_config(TINY, [])
+    four = load_config(TINY, ["ppo.estimator=grpo", "rollout.samples_per_prompt=4"])
+    steps = [c.learner.epochs * c.ppo.batch_size // c.learner.minibatch_size for c in (one, four)]
+    assert steps[0] == steps[1] == 4 and (one.minibatch_rows, four.minibatch_rows) == (16, 64)
+    with pytest.raises(ConfigError, match="learner.minibatch_size: 3 prompts x rollout.samples_per_prompt=1"):
+        load_config(TINY, ["learner.minibatch_size=3", "ppo.batch_size=30"])
+    load_config(TINY, ["learner.minibatch_size=3", "ppo.batch_size=30", "rollout.samples_per_prompt=2"])
+
+
 def test_loss_aggregation_follows_the_estimator_unless_set():
-    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8"])
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8", "learner.minibatch_size=4"])
     assert cfg.loss_agg == "seq_mean_token_sum_norm"
-    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8",
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8", "learner.minibatch_size=4",
                              "ppo.loss_agg=token_mean"])
     assert cfg.loss_agg == "token_mean"
     assert load_config(TINY, []).loss_agg == "token_mean"

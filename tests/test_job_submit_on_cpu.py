@@ -208,7 +208,7 @@ def test_a_users_own_task_from_another_directory(ray_head, tmp_path):
                    f"model.tiny_dir={tmp_path / 'tiny_math'}", f"output.dir={out}", "output.name=mine",
                    "sft.data_path=qa.jsonl", "data.prompts_path=qa.jsonl", "eval.prompts_path=qa_test.jsonl",
                    "reward.functions=[{path: check_answer.py:score, name: correct}]",
-                   "sft.epochs=1", "ppo.steps=3", "ppo.batch_size=4", "learner.minibatch_size=8",
+                   "sft.epochs=1", "ppo.steps=3", "ppo.batch_size=4", "learner.minibatch_size=2",
                    "rollout.max_staleness=1", "ppo.tis_cap=2.0")
     run = out / "mine"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

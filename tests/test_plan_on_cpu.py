@@ -178,7 +178,7 @@ def test_suggested_split_is_the_argmax_of_the_table(llama2):
     top = best(rows)
     assert top.samples_per_s == max(e.samples_per_s for e in rows)
     for e in rows:  # every row is a valid split that fits beside the reward model's GPU
-        assert e.generators >= 1 and e.learners >= 1 and cfg.learner.minibatch_size % e.learners == 0
+        assert e.generators >= 1 and e.learners >= 1 and cfg.minibatch_rows % e.learners == 0
         assert e.generators + e.learners + 1 <= 8
         assert e.samples_per_s == pytest.approx(e.rows / (e.generate_s + e.reward_s + e.learner_s + e.publish_s))
     assert (top.generators, top.learners) == (3, 4)

@@ -94,7 +94,7 @@ class LearnerCore:
         from ..models.policy import disable_dropout
 
         disable_dropout(self.module)
-        n = len(batch)
+        n, rows = len(batch), self.cfg.minibatch_rows
         sums: dict[str, float] = {}
         count = 0
         shift, shift_tokens = 0.0, 0.0
@@ -104,9 +104,9 @@ class LearnerCore:
         before = ([p.detach().clone() for p in self.params], copy.deepcopy(self.optimizer.state_dict()))
         for epoch in range(lc.epochs):
             perm = torch.randperm(n, generator=self._gen)
-            for start in range(0, n, lc.minibatch_size):
+            for start in range(0, n, rows):
                 self.optimizer.zero_grad(set_to_none=True)
-                s, t = self.minibatch_backward(batch, perm[start:start + lc.minibatch_size], kl_coef, sums)
+                s, t = self.minibatch_backward(batch, perm[start:start + rows], kl_coef, sums)
                 if epoch == lc.epochs - 1:
                     shift, shift_tokens = shift + s, shift_tokens + t
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lc.max_grad_norm)

@@ -222,7 +222,7 @@ def with_split(cfg: Config, generators: int, learners: int) -> Config:
 
 def split_table(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpus: int, nodes: int, gpu_memory: int,
                 seq_len: int, response_tokens: int, a: Assumptions = Assumptions()) -> list[StepEstimate]:
-    """For each generator count g, the most learner ranks l that divide learner.minibatch_size
+    """For each generator count g, the most learner ranks l that divide a minibatch's rows
     and fit beside them on ``gpus`` GPUs (with the reward model, and a reference actor if
     configured, where the config puts them), as the memory planner places them. More ranks
     never slow the learner in this model, so a smaller l for the same g is never better. The
@@ -235,7 +235,7 @@ def split_table(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpus: i
                          gpu_memory=gpu_memory, seq_len=seq_len, response_tokens=response_tokens)
         return None if plan.problems else plan.kv_sequences
 
-    ranks = [l for l in range(cfg.learner.minibatch_size, 0, -1) if cfg.learner.minibatch_size % l == 0]
+    ranks = [l for l in range(cfg.minibatch_rows, 0, -1) if cfg.minibatch_rows % l == 0]
     rows = []
     configured = (cfg.rollout.num_actors, cfg.learner.num_workers)
     for g in range(1, gpus + 1):
