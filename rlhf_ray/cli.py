@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -256,7 +257,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "rollout": ("rollout", "run"), "sync": ("sync", "run"), "step": ("ppo_step", "run_step"),
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
-    "soak": ("soak", "run"), "startup": ("startup", "run"),
+    "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
 }
 
 
@@ -267,8 +268,48 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     if not (root / "benchmarks" / "common.py").is_file():
         print(f"rlhf-ray bench: the benchmarks/ folder of the repository is not at {root}", file=sys.stderr)
         return 1
+    sys.path.insert(0, str(root))
+    if args.name == "report":
+        print(f"wrote {importlib.import_module('benchmarks.report').write()}")
+        return 0
+    if args.name == "all":
+        return _bench_all(cfg, args)
     run_bench(cfg, args)
     return 0
+
+
+# `bench all`, in this order: the cheap ones first, so a failure shows early.
+BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
+             "presets"]
+
+
+def _bench_all(cfg: Config, args: argparse.Namespace) -> int:
+    """Every benchmark one after another, each writing its JSON, then BENCHMARKS.md. From a tree
+    with uncommitted changes only with --allow-dirty (the results are then marked so)."""
+    import copy
+
+    common = importlib.import_module("benchmarks.common")
+    commit = common.git_commit() or ""
+    if commit.endswith("+dirty") and not args.allow_dirty:
+        print("rlhf-ray bench all: the tree has uncommitted changes; commit them first (results must name the "
+              "commit they measure) or pass --allow-dirty (the results are then marked uncommitted)", file=sys.stderr)
+        return 1
+    failed = []
+    for name in BENCH_ALL:
+        print(f"\n== bench {name} ==", flush=True)
+        one = copy.copy(args)
+        one.name = name
+        if name == "soak":
+            one.steps = args.steps  # the short soak; `bench soak --steps 300` is the long one
+        try:
+            run_bench(cfg, one)
+        except Exception as e:  # one benchmark's failure does not lose the others' results
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            print(f"bench {name} failed: {e}", file=sys.stderr)
+    print(f"wrote {importlib.import_module('benchmarks.report').write()}")
+    for f in failed:
+        print(f"failed: {f}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_bench(cfg: Config, args: argparse.Namespace, trainer=None):
@@ -341,13 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "bench":  # before the overrides, which would otherwise swallow it
-            p.add_argument("name", choices=list(BENCHMARKS), help="which benchmark")
+            p.add_argument("name", choices=[*BENCHMARKS, "all", "report"],
+                           help="which benchmark; all: every one, then BENCHMARKS.md; report: BENCHMARKS.md only")
         p.add_argument("--config", action="append", default=None, metavar="FILE",
                        help="YAML config; given again, each file is layered over the ones before it (a base, "
                             "then a preset). Default: configs/tiny_cpu.yaml, the embedded default run")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         if name == "bench":
             p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+            p.add_argument("--allow-dirty", action="store_true",
+                           help="all: run from a tree with uncommitted changes (results marked uncommitted)")
             p.add_argument("--repeats", type=int, default=3, help="rollout: timed rounds; startup: rounds of every variant")
             p.add_argument("--num-prompts", type=int, default=64, help="rollout: prompts per round")
             p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
@@ -367,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mid-size", action=argparse.BooleanOptionalAction, default=True,
                            help="learner-memory: the 58 M-parameter Llama (--no-mid-size: the config's tiny one); "
                                 "compare-trl: a curve row with it")
+            p.add_argument("--presets", default=None,
+                           help="presets: which, e.g. grpo,rloo (default: ppo and every configs/presets/ algorithm)")
+            p.add_argument("--samples", default="4,8", help="presets: samples per prompt of the grid")
+            p.add_argument("--staleness", default="0,1", help="presets: rollout.max_staleness values of the grid")
+            p.add_argument("--seeds", type=int, default=1, help="presets: seeds of every cell (3: the seed spread)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "

@@ -27,7 +27,7 @@ def test_a_healthy_run_raises_no_alarm():
 @pytest.mark.parametrize("bad, words", [
     (dict(kl=16.0), "KL per response 16 > 15 (3 x ppo.kl_target)"),
     (dict(cut=0.45), "45% of responses cut at rollout.max_new_tokens, up from 10%"),
-    (dict(mismatch=0.9), "log-prob mismatch (k3 per token) 0.9 > guard.mismatch_max=0.5"),
+    (dict(mismatch=0.9), "log-prob mismatch (k3 per token) 0.9 > guard.mismatch_max=0.2"),
     (dict(capped=0.5), "50% of tokens' importance weights over ppo.tis_cap"),
 ])
 def test_each_sign_alarms_past_its_limit_and_patience_counts_steps_in_a_row(bad, words):
