@@ -258,6 +258,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
     "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
+    "lora-targets": ("lora_targets", "run"),
 }
 
 
@@ -280,7 +281,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 
 # `bench all`, in this order: the cheap ones first, so a failure shows early.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
-             "presets"]
+             "lora-targets", "presets"]
 
 
 def _bench_all(cfg: Config, args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """Asynchronous rollouts (rollout.max_staleness): with S=0 the pipelined loop is the
 synchronous algorithm to the last bit, and with S=2 every trained sample is at most two
 adapter versions old, judged from the version each sample carries."""
+import json
+
 import pytest
 import ray
 import torch
@@ -86,3 +88,28 @@ def test_bounded_staleness_from_per_sample_versions(make_cfg):
     assert all(r["logprob_gap"] > 1e-5 for r in recs[2:])
     assert all(r["rollout_correction"]["is_weight_max"] > 1.0 for r in recs[2:])
     assert all(r["update_skipped"] is False and r["nonfinite"] == [] for r in recs)
+
+
+def test_a_diverging_run_is_stopped_with_its_last_good_checkpoint_and_adapter(make_cfg, caplog):
+    """A learning rate far too high, on purpose: the guard warns with the figures and the step,
+    writes no checkpoint while alarmed, and stops the run naming what is kept."""
+    from rlhf_ray.guard import DivergenceError
+
+    cfg = make_cfg(*BASE, "learner.lr=0.5", "learner.max_grad_norm=1000", "ppo.kl_target=1.0", "ppo.kl_coef=0.001",
+                   "guard.patience=2", "guard.warmup=1", "checkpoint.every=1", "checkpoint.keep=20",
+                   "ppo.steps=12", "output.name=diverging")
+    with PPOTrainer(cfg, progress=False) as tr:
+        with pytest.raises(DivergenceError, match=r"stopped at PPO step (\d+): 2 steps in a row past the guard's "
+                                                  r"limits \(guard.patience=2\): .*Last good checkpoint: .*step-0"):
+            tr.run(evaluate=False)
+        records = [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = records[-1]["step"]
+        good = [r["step"] for r in records if not r["guard"]]
+        assert len(records) < 12 and records[-1]["guard"] and records[-2]["guard"]  # stopped early, on alarms
+        assert any("may be diverging" in r.message and f"PPO step {records[-2]['step']}" in r.message
+                   for r in caplog.records)
+        # Checkpoints only of healthy steps; the adapter kept is the newest healthy step's.
+        kept = sorted(p.name for p in (tr.run_dir / "checkpoints").iterdir())
+        assert kept[-1] == f"step-{max(good) + 1:06d}" and all(int(k[5:]) <= last for k in kept)
+        saved = json.loads((tr.run_dir / "adapter" / "rlhf_ray_adapter.json").read_text())["version"]
+        assert saved == max(good) + 1 < tr.version

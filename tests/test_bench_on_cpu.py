@@ -99,3 +99,26 @@ def _check(name, doc, trainer=None):
         assert set(res["summary"]) == {"in-process"}
         for runs in res["runs"].values():
             assert runs[0]["startup_s"] > 0 and runs[0]["cpu_s_total"] > 0 and runs[0]["parts"]["learner"] > 0
+
+
+def test_presets_grid_runs_a_cell_layered_over_the_base(tmp_path, sft_model_dir, untrained_rm, capsys):
+    """One cell of the preset grid, tiny: the preset and async.yaml layered over the base config,
+    on the base run's SFT model and reward model; the cell is added to the results file."""
+    base = tmp_path / "runs" / "base"
+    base.mkdir(parents=True)
+    (base / "sft_model").symlink_to(sft_model_dir)
+    (base / "reward_model").symlink_to(untrained_rm)
+    args, extra = build_parser().parse_known_args([
+        "bench", "presets", "--out", str(tmp_path / "results"), "--presets", "grpo", "--samples", "4",
+        "--staleness", "1", f"output.dir={tmp_path / 'runs'}", "output.name=base", "ppo.steps=2", "eval.num_prompts=4"])
+    cfg = load_config(TINY, [*args.overrides, *extra])
+    doc = json.loads(run_bench(cfg, args).read_text())
+    cell = doc["results"]["cells"]["grpo/n4/s1/seed1"]
+    assert (cell["preset"], cell["samples_per_prompt"], cell["staleness"], cell["steps"]) == ("grpo", 4, 1, 2)
+    assert 0.0 <= cell["judge_before"] <= 1.0 and cell["kl_after"] >= 0.0 and cell["stopped"] is None
+    run = tmp_path / "runs" / "presets" / "grpo_n4_s1_seed1"
+    used = load_config(run / "config.yaml")
+    assert (used.ppo.estimator, used.rollout.max_staleness, used.tis_cap, used.ppo.batch_size) == ("grpo", 1, 2.0, 8)
+    assert doc["results"]["targets"]["grpo/n4/s1/seed1"]["met"] is False  # 2 steps do not gain 25 points
+    assert "grpo" in capsys.readouterr().out
+
