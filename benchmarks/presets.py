@@ -4,8 +4,8 @@ base run's SFT model and reward model (`make run` writes them to runs/tiny_cpu).
 
 A cell holds the sample budget per step at ``SAMPLES_PER_STEP`` (prompts = that / group size)
 and two minibatches per epoch, so every cell makes the same optimizer steps on the same number
-of samples; only the algorithm, the group and the staleness differ. ``--seeds`` repeats the
-plain PPO run (``ppo``, the base config) and the cells for the seed spread.
+of samples; only the algorithm, the group and the staleness differ. ``ppo`` is the base config
+itself (one sample per prompt). ``--seeds 1,2,3`` repeats the cells for the seed spread.
 
 A partial grid (``--presets``, ``--samples``, ``--staleness``) adds its cells to the ones
 already in the results file; each cell carries its own date and commit.
@@ -31,7 +31,8 @@ def cell_overrides(base_run: Path, n: int, seed: int, name: str, out: Path) -> l
     prompts = SAMPLES_PER_STEP // n if n > 1 else SAMPLES_PER_STEP
     return [f"sft.output_dir={base_run / 'sft_model'}", f"rm.output_dir={base_run / 'reward_model'}",
             f"rollout.samples_per_prompt={n}", f"ppo.batch_size={prompts}", f"learner.minibatch_size={prompts // 2}",
-            f"rollout.seed={seed}", f"data.seed={seed}", f"model.seed={seed}",
+            # The held-out prompts stay the same (data.seed): the spread is sampling and initialisation.
+            f"rollout.seed={seed}", f"model.seed={seed}",
             f"output.dir={out}", f"output.name={name}", "output.trackers=[jsonl]"]
 
 
@@ -72,7 +73,7 @@ def cells(args) -> list[tuple[str, str, list[str], int, int, int]]:
     samples = [int(x) for x in args.samples.split(",")]
     stale = [int(x) for x in args.staleness.split(",")]
     out = []
-    for seed in range(1, args.seeds + 1):
+    for seed in [int(x) for x in str(args.seeds).split(",")]:
         for name in names:
             if name != "ppo" and not (PRESETS / f"{name}.yaml").is_file():
                 raise ValueError(f"--presets: no configs/presets/{name}.yaml (have: {', '.join(NAMES)})")

@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="presets: which, e.g. grpo,rloo (default: ppo and every configs/presets/ algorithm)")
             p.add_argument("--samples", default="4,8", help="presets: samples per prompt of the grid")
             p.add_argument("--staleness", default="0,1", help="presets: rollout.max_staleness values of the grid")
-            p.add_argument("--seeds", type=int, default=1, help="presets: seeds of every cell (3: the seed spread)")
+            p.add_argument("--seeds", default="1", help="presets: seeds of every cell, e.g. 1,2,3 (the seed spread)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "

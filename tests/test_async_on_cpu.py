@@ -1,6 +1,7 @@
 """Asynchronous rollouts (rollout.max_staleness): with S=0 the pipelined loop is the
-synchronous algorithm to the last bit, and with S=2 every trained sample is at most two
-adapter versions old, judged from the version each sample carries."""
+synchronous algorithm to the last bit, with S=2 every trained sample is at most two adapter
+versions old, judged from the version each sample carries, and going back to a checkpoint with
+rollouts in flight trains every prompt once. And the divergence guard stopping a run."""
 import json
 
 import pytest
@@ -90,12 +91,13 @@ def test_bounded_staleness_from_per_sample_versions(make_cfg):
     assert all(r["update_skipped"] is False and r["nonfinite"] == [] for r in recs)
 
 
-def test_a_diverging_run_is_stopped_with_its_last_good_checkpoint_and_adapter(make_cfg, caplog):
-    """A learning rate far too high, on purpose: the guard warns with the figures and the step,
-    writes no checkpoint while alarmed, and stops the run naming what is kept."""
+def test_a_diverging_run_is_stopped_with_its_last_good_checkpoint_and_adapter(make_cfg, sft_model_dir, caplog):
+    """A learning rate far too high, on purpose (the SFT policy, a rule reward): the guard warns
+    with the figures and the step, writes no checkpoint while alarmed, and stops the run naming
+    what is kept."""
     from rlhf_ray.guard import DivergenceError
 
-    cfg = make_cfg(*BASE, "learner.lr=0.5", "learner.max_grad_norm=1000", "ppo.kl_target=1.0", "ppo.kl_coef=0.001",
+    cfg = make_cfg(*BASE, f"model.path={sft_model_dir}", "reward.rule=sentiment", "learner.lr=0.5", "learner.max_grad_norm=1000", "ppo.kl_target=1.0", "ppo.kl_coef=0.001",
                    "guard.patience=2", "guard.warmup=1", "checkpoint.every=1", "checkpoint.keep=20",
                    "ppo.steps=12", "output.name=diverging")
     with PPOTrainer(cfg, progress=False) as tr:
