@@ -94,6 +94,7 @@ def _check(name, doc, trainer=None):
         main = res["main"]  # GRPO on both sides: 2 prompts x 4 samples per step
         assert main["trl"]["samples"] == main["rlhf_ray"]["samples"] == 8 and res["curve"] == []
         assert doc["versions"]["trl"] and 0.0 <= main["judge"]["trl"] <= 1.0
+        assert res["main_async"]["rlhf_ray"]["samples"] == 8 and 0.0 <= res["main_async"]["judge"]["rlhf_ray"] <= 1.0
         assert doc["config"]["ppo"]["estimator"] == "gae"  # the config as given; the GRPO one is derived
     elif name == "startup":
         assert set(res["summary"]) == {"in-process"}
