@@ -500,7 +500,9 @@ class GuardConfig:
     patience: int = 3  # alarmed steps in a row before the action
     kl_factor: float = 3.0  # alarm: KL per response above kl_factor x ppo.kl_target
     kl_max: Optional[float] = None  # alarm: KL per response (nats) above this; null = kl_factor x kl_target (off without one)
-    truncation_rise: float = 0.3  # alarm: share of responses cut at the length limit this far above the warm-up's
+    # alarm: share of responses cut at the length limit this far above the warm-up's (not with
+    # ppo.truncated=score, where a cut response earns its score and running long is a strategy)
+    truncation_rise: float = 0.3
     # Measured on the default task (benchmarks/results/async.json): a healthy S=1 run mismatches by
     # ~0.02 nats per token with 0.3% of weights over the cap; the S=2 run that collapsed by 0.39 and 2.6%.
     mismatch_max: float = 0.2  # alarm: generator/learner log-prob mismatch (k3, nats per token) above this

@@ -23,8 +23,10 @@ class DivergenceError(ValueError):
 
 
 class DivergenceGuard:
-    def __init__(self, gc: GuardConfig, kl_target: Optional[float], tis_on: bool):
-        self.gc = gc
+    def __init__(self, gc: GuardConfig, kl_target: Optional[float], tis_on: bool, watch_truncation: bool = True):
+        """``watch_truncation``: False when a cut response is scored like any other
+        (``ppo.truncated=score``): running to the limit is then a way to earn reward, not a sign."""
+        self.gc, self.watch_truncation = gc, watch_truncation
         self.kl_limit = gc.kl_max if gc.kl_max is not None else (gc.kl_factor * kl_target if kl_target else None)
         self.kl_source = "guard.kl_max" if gc.kl_max is not None else f"{gc.kl_factor:g} x ppo.kl_target"
         self.tis_on = tis_on
@@ -61,7 +63,7 @@ class DivergenceGuard:
             if self.truncation_base is None:
                 self._set_baselines()
             cut = record.get("truncation_rate")
-            if cut is not None and cut - self.truncation_base > gc.truncation_rise:
+            if self.watch_truncation and cut is not None and cut - self.truncation_base > gc.truncation_rise:
                 alarms.append(f"{100 * cut:.0f}% of responses cut at rollout.max_new_tokens, up from "
                               f"{100 * self.truncation_base:.0f}% (more than guard.truncation_rise={gc.truncation_rise:g})")
         reward = record.get("reward_mean")

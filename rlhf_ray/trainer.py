@@ -215,7 +215,8 @@ class PPOTrainer:
         self._stop_at: Optional[int] = None  # run(): no rollout is sent for a step past its last
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
-        self.guard = DivergenceGuard(cfg.guard, cfg.ppo.kl_target, cfg.tis_cap is not None)
+        self.guard = DivergenceGuard(cfg.guard, cfg.ppo.kl_target, cfg.tis_cap is not None,
+                                     watch_truncation=cfg.ppo.truncated != "score")
         # The adapter and value head of the newest step the guard found healthy: what a stopped run keeps.
         self._good: Optional[tuple[int, Any, dict]] = None
         self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too

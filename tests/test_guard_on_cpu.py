@@ -55,6 +55,11 @@ def test_a_falling_reward_alarms_against_its_best_moving_mean():
     assert out[0] == [] and "below its best" in out[2][0] and g.in_row >= 1
 
 
+def test_cut_responses_are_no_sign_when_they_are_scored_like_any_other():
+    g = DivergenceGuard(GuardConfig(), kl_target=5.0, tis_on=False, watch_truncation=False)
+    assert all(g.check(_rec(cut=c)) == [] for c in (0.0, 0.0, 0.0, 1.0, 1.0))
+
+
 def test_baselines_come_from_the_warm_up_steps_only():
     g = _guard(warmup=2)
     assert g.check(_rec(cut=0.9)) == [] and g.check(_rec(cut=0.9)) == []  # a long-winded start is the baseline
