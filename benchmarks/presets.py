@@ -112,6 +112,11 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     return params, {"cells": done, "spread": spread(done), "targets": targets}, render(done)
 
 
+def spread_lines(done: dict[str, dict]) -> str:
+    return "\n".join(f"seed spread {k}: {s['seeds']} seeds, gain {s['gain_pp_mean']:+.1f} pp +- {s['gain_pp_std']:.1f} "
+                     f"(std), held-out KL {s['kl_after_mean']:.2f} on average" for k, s in spread(done).items())
+
+
 def spread(done: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Per (preset, n, s) with more than one seed: mean and std of the judge gain and the KL."""
     groups: dict[str, list[dict]] = {}
@@ -136,5 +141,9 @@ def render(done: dict[str, dict]) -> str:
                      "-" if c["kl_after"] is None else f"{c['kl_after']:.2f}", c["kl_target"],
                      c["guard_alarmed_steps"], "stopped" if c["stopped"] else ("yes" if c["met"] else "no"),
                      f"{c['time_s']:.0f}", (c.get("commit") or "?")[:12]])
-    return table(["preset", "n", "S", "seed", "judge before", "after", "pp", "KL after", "KL target", "alarms",
+    text = table(["preset", "n", "S", "seed", "judge before", "after", "pp", "KL after", "KL target", "alarms",
                   f"+{GOAL_PP:g} pp in KL", "s", "commit"], rows)
+    lines = spread_lines(done)
+    return text + ("\n" + lines if lines else "") + (
+        "\nEach cell: 32 samples per step (prompts = 32 / n), 60 steps, two minibatches per epoch; s: wall time of "
+        "the cell (start-up and both evaluations included; cells run while other work used the cores are slower).")

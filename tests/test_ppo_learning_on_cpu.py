@@ -156,8 +156,10 @@ def test_two_ddp_workers_make_the_one_process_gradient(trainer, make_cfg):
 
 def test_close_ends_every_actor_and_its_adapter_directory(trainer, records):
     root, _ = adapter_root()
+    pids = {name: m["pid"] for name, m in trainer.fleet.memory().items()}
     name = trainer.remove_rollout_actor()
-    assert not glob.glob(str(root / f"{name}-*")), "a removed generator left its RAM-disk directory"
+    # Its own <generator>-<pid> directory: another trainer on the machine may have a generator of that name.
+    assert not (root / f"{name}-{pids[name]}").exists(), "a removed generator left its RAM-disk directory"
     handles = [h for _, h in trainer.fleet.members] + [h for _, h in trainer._roles]
     # Directories are <generator>-<pid>; other trainers of the session have their own.
     mine = [f"{name}-{m['pid']}" for name, m in trainer.fleet.memory().items()]
