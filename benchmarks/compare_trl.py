@@ -78,7 +78,7 @@ def _rlhf_ray(cfg, steps: int) -> dict[str, Any]:
     from rlhf_ray.trainer import PPOTrainer
 
     t0 = time.perf_counter()
-    with PPOTrainer(cfg, progress=False) as tr:
+    with PPOTrainer(cfg, progress=False, overwrite=True) as tr:
         startup = time.perf_counter() - t0
         t = time.perf_counter()
         records = tr.run(steps, evaluate=False)

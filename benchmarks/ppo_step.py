@@ -16,8 +16,14 @@ TARGET_OVERHEAD = 0.15
 
 
 def bench_config(cfg, **rollout):
-    from rlhf_ray.stages import reward_path, sft_dir
+    """The config's run measured in a directory of its own (``<output.name>_bench``, replaced
+    each time), on the run's SFT model and reward model where they exist, so a benchmark never
+    touches the run it measures."""
+    from rlhf_ray.stages import reward_path, rm_dir, sft_dir
 
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, output_dir=str(sft_dir(cfg))),
+                              rm=dataclasses.replace(cfg.rm, output_dir=str(rm_dir(cfg))),
+                              output=dataclasses.replace(cfg.output, name=f"{cfg.output.name}_bench"))
     ppo = cfg.ppo if (sft_dir(cfg) / "config.json").is_file() else dataclasses.replace(cfg.ppo, base="model")
     reward = cfg.reward
     try:
@@ -47,7 +53,7 @@ def _trainer(cfg, given=None, **rollout) -> Iterator[Any]:
         return
     from rlhf_ray.trainer import PPOTrainer
 
-    with PPOTrainer(bench_config(cfg, **rollout), progress=False) as tr:
+    with PPOTrainer(bench_config(cfg, **rollout), progress=False, overwrite=True) as tr:
         yield tr
 
 

@@ -83,7 +83,7 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     cfg = bench_config(cfg)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every=0))
     early = min(10, max(1, args.steps // 2))
-    with PPOTrainer(cfg, progress=False) as tr:
+    with PPOTrainer(cfg, progress=False, overwrite=True) as tr:
         res = measure(tr, args.steps, early)
     rows = [[name, round(res["first"]["rss_bytes"][name] / 2**20, 1),
              round(res["last"]["rss_bytes"][name] / 2**20, 1), f"{100 * g:+.1f}%"]

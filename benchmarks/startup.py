@@ -50,7 +50,7 @@ def _one(cfg) -> dict[str, Any]:
     me = psutil.Process()
     cpu0 = sum(me.cpu_times()[:2])
     t = time.perf_counter()
-    with PPOTrainer(cfg, progress=False) as tr:
+    with PPOTrainer(cfg, progress=False, overwrite=True) as tr:
         wall = time.perf_counter() - t
         cpu = _cpu_by_role(since)
         cpu["driver"] = sum(me.cpu_times()[:2]) - cpu0
