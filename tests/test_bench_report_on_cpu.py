@@ -24,3 +24,18 @@ def test_each_result_names_its_date_commit_machine_and_goals(tmp_path):
     assert "abc1234 (uncommitted)" in text and "2 CPUs (CPU), no GPU" in text
     assert "| t | 2 | >= 1 | yes |" in text and "| u | 0.5 | >= 1 | NO |" in text and "| 1/2 |" in text
     assert "```\na  b\n```" in text
+
+
+def test_bench_all_refuses_an_uncommitted_tree_unless_allowed(monkeypatch, capsys):
+    from benchmarks import common
+
+    from rlhf_ray import cli
+
+    monkeypatch.setattr(common, "git_commit", lambda: "abc1234+dirty")
+    ran = []
+    monkeypatch.setattr(cli, "run_bench", lambda cfg, args, trainer=None: ran.append(args.name))
+    monkeypatch.setattr(report, "write", lambda: "BENCHMARKS.md")
+    assert cli.main(["bench", "all"]) == 1 and ran == []
+    assert "uncommitted changes" in capsys.readouterr().err
+    assert cli.main(["bench", "all", "--allow-dirty"]) == 0
+    assert ran == cli.BENCH_ALL
