@@ -215,8 +215,6 @@ class PPOTrainer:
         self._stop_at: Optional[int] = None  # run(): no rollout is sent for a step past its last
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
-        self.guard = DivergenceGuard(cfg.guard, cfg.ppo.kl_target, cfg.tis_cap is not None,
-                                     watch_truncation=cfg.ppo.truncated != "score")
         # The adapter and value head of the newest step the guard found healthy: what a stopped run keeps.
         self._good: Optional[tuple[int, Any, dict]] = None
         self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too
@@ -227,8 +225,7 @@ class PPOTrainer:
         self.previous_records: list[dict[str, Any]] = []  # the steps before a resume
         if self.resumed_from is not None:
             self._restore_driver(self.resumed_from.state)
-        for r in self.previous_records:  # the guard's baselines and moving means as they were
-            self.guard.check(r)
+        self._restart_guard()
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=self.resumed_from is not None)
         self.gauges = RayGauges(cfg.output.name)
 
@@ -366,6 +363,7 @@ class PPOTrainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", append=True)
         self.trackers.rewind(ck.step)
         self.fleet.publish(adapter_ref)
+        self._restart_guard()
         return ck
 
     def _fill_pipeline(self) -> None:
@@ -460,6 +458,16 @@ class PPOTrainer:
         if cfg.checkpoint.every and self.step_index % cfg.checkpoint.every == 0 and not bad and not alarms:
             self.save_checkpoint()
         return record
+
+    def _restart_guard(self) -> None:
+        """The guard as it was after the steps kept (a resume or a return to a checkpoint): its
+        baselines and moving means from their records; the adapter served now is the healthy one."""
+        cfg = self.cfg
+        self.guard = DivergenceGuard(cfg.guard, cfg.ppo.kl_target, cfg.tis_cap is not None,
+                                     watch_truncation=cfg.ppo.truncated != "score")
+        for r in self.previous_records:
+            self.guard.check(r)
+        self._good = (self.step_index - 1, self.latest_adapter, dict(self.value_head)) if self.step_index else None
 
     def _watch(self, alarms: list[str], step: int) -> None:
         """Warn of each alarm; past guard.patience alarmed steps in a row with guard.action=stop,

@@ -69,7 +69,7 @@ def test_launcher_installs_the_projects_pins(name):
     assert not re.search(r"\bray(\[[^\]]*\])?==", setup)
     assert _ray_pin().endswith("==2.60.0")
     makefile = (ROOT / "Makefile").read_text()
-    assert f"pip install -q {torch_pin}" in makefile and "'.[gpu,bench,trackers]'" in makefile
+    assert f"pip install -q {torch_pin}" in makefile and "'.[gpu,bench,trackers,test]'" in makefile
 
 
 def test_two_launchers_share_their_setup():
