@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import table
-from .presets import GOAL_PP, run_cell
+from .presets import GOAL_PP, base_run, on_base_run, run_cell
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
@@ -44,11 +44,8 @@ def adapter_params(shape: dict[str, int], targets: list[str], rank: int) -> int:
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     from rlhf_ray.config import dump_config
 
-    base_run = cfg.output.run_dir.resolve()
-    for part in ("sft_model", "reward_model"):
-        if not (base_run / part / "config.json").is_file():
-            raise FileNotFoundError(f"bench lora-targets: no {part} in {base_run}; run `make run` first")
-    shape = model_shape(base_run / "sft_model")
+    base = base_run(cfg, "lora-targets")
+    shape = model_shape(base / "sft_model")
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rr-lora-") as tmp:
         base_yaml = str(Path(tmp) / "base.yaml")
@@ -57,10 +54,10 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
             print(f"lora-targets: {name} ...", flush=True)
             label = name.replace(" ", "_")
             out[name] = {"targets": targets, "rank": rank, "params": adapter_params(shape, targets, rank), **run_cell(
-                base_yaml, [], [f"sft.output_dir={base_run / 'sft_model'}", f"rm.output_dir={base_run / 'reward_model'}",
+                base_yaml, [], [*on_base_run(base),
                                 f"lora.target_modules=[{','.join(targets)}]", f"lora.rank={rank}",
                                 f"lora.alpha={2 * rank}", f"rollout.max_lora_rank={max(16, rank)}",
-                                f"output.dir={base_run.parent / 'lora_targets'}", f"output.name={label}",
+                                f"output.dir={base.parent / 'lora_targets'}", f"output.name={label}",
                                 "output.trackers=[jsonl]"])}
     rows = [[n, v["rank"], v["params"], f"{100 * v['judge_before']:.1f}%",
              "-" if v["judge_after"] is None else f"{100 * v['judge_after']:.1f}%",

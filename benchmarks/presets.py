@@ -27,10 +27,25 @@ SAMPLES_PER_STEP = 32
 GOAL_PP = 25.0  # judge gain, percentage points, at a held-out KL within ppo.kl_target
 
 
-def cell_overrides(base_run: Path, n: int, seed: int, name: str, out: Path) -> list[str]:
-    prompts = SAMPLES_PER_STEP // n if n > 1 else SAMPLES_PER_STEP
-    return [f"sft.output_dir={base_run / 'sft_model'}", f"rm.output_dir={base_run / 'reward_model'}",
-            f"rollout.samples_per_prompt={n}", f"ppo.batch_size={prompts}", f"learner.minibatch_size={prompts // 2}",
+def base_run(cfg, bench: str) -> Path:
+    """The config's run directory, which must hold the SFT model and reward model the runs start from."""
+    run = cfg.output.run_dir.resolve()
+    for part in ("sft_model", "reward_model"):
+        if not (run / part / "config.json").is_file():
+            raise FileNotFoundError(f"bench {bench}: no {part} in {run}; run `make run` (or `rlhf-ray run`) "
+                                    "with this config first")
+    return run
+
+
+def on_base_run(run: Path) -> list[str]:
+    """Overrides that start a run from ``run``'s SFT model and reward model, wherever it writes."""
+    return [f"sft.output_dir={run / 'sft_model'}", f"rm.output_dir={run / 'reward_model'}"]
+
+
+def cell_overrides(base: Path, n: int, seed: int, name: str, out: Path) -> list[str]:
+    prompts = SAMPLES_PER_STEP // n
+    return [*on_base_run(base), f"rollout.samples_per_prompt={n}", f"ppo.batch_size={prompts}",
+            f"learner.minibatch_size={prompts // 2}",
             # The held-out prompts stay the same (data.seed): the spread is sampling and initialisation.
             f"rollout.seed={seed}", f"model.seed={seed}",
             f"output.dir={out}", f"output.name={name}", "output.trackers=[jsonl]"]
@@ -88,11 +103,7 @@ def cells(args) -> list[tuple[str, str, list[str], int, int, int]]:
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     from rlhf_ray.config import dump_config
 
-    base_run = cfg.output.run_dir.resolve()
-    for part in ("sft_model", "reward_model"):
-        if not (base_run / part / "config.json").is_file():
-            raise FileNotFoundError(f"bench presets: no {part} in {base_run}; run `make run` (or `rlhf-ray run`) "
-                                    "with this config first")
+    base = base_run(cfg, "presets")
     previous = Path(args.out or ROOT / "benchmarks" / "results") / "presets.json"
     done = json.loads(previous.read_text())["results"]["cells"] if previous.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="rr-presets-") as tmp:
@@ -102,11 +113,11 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
             label = key.replace("/", "_")
             print(f"presets: {key} ...", flush=True)
             done[key] = {"preset": name, "samples_per_prompt": n, "staleness": s, "seed": seed,
-                         **run_cell(base_yaml, layers, cell_overrides(base_run, n, seed, label, base_run.parent / "presets"))}
+                         **run_cell(base_yaml, layers, cell_overrides(base, n, seed, label, base.parent / "presets"))}
             c = done[key]
             print(f"presets: {key}: judge {c['judge_before']} -> {c['judge_after']}, KL {c['kl_after']}, "
                   f"{'stopped: ' + c['stopped'] if c['stopped'] else 'met' if c['met'] else 'not met'}", flush=True)
-    params = {"samples_per_step": SAMPLES_PER_STEP, "goal_pp": GOAL_PP, "base_run": str(base_run)}
+    params = {"samples_per_step": SAMPLES_PER_STEP, "goal_pp": GOAL_PP, "base_run": str(base)}
     targets = {k: {"value": c["gain_pp"], "goal": f"+{GOAL_PP:g} pp at a held-out KL within ppo.kl_target",
                    "met": bool(c["met"])} for k, c in sorted(done.items())}
     return params, {"cells": done, "spread": spread(done), "targets": targets}, render(done)

@@ -279,7 +279,8 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-# `bench all`, in this order: the cheap ones first, so a failure shows early.
+# `bench all`, in this order: the cheap ones first, so a failure shows early. The soak runs short
+# (--steps, default 5); `bench soak --steps 300` is the long one.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
              "lora-targets", "presets"]
 
@@ -300,8 +301,6 @@ def _bench_all(cfg: Config, args: argparse.Namespace) -> int:
         print(f"\n== bench {name} ==", flush=True)
         one = copy.copy(args)
         one.name = name
-        if name == "soak":
-            one.steps = args.steps  # the short soak; `bench soak --steps 300` is the long one
         try:
             run_bench(cfg, one)
         except Exception as e:  # one benchmark's failure does not lose the others' results

@@ -57,10 +57,10 @@ class DivergenceGuard:
                           f"{gc.capped_max:g}")
         if self.seen <= gc.warmup:  # the first steps set the baselines the next two signs compare with
             self._warm.append(record)
-            if self.seen == gc.warmup or gc.warmup == 0:
+            if self.seen == gc.warmup:
                 self._set_baselines()
         else:
-            if self.truncation_base is None:
+            if self.truncation_base is None:  # guard.warmup=0: no warm-up steps, baselines from nothing
                 self._set_baselines()
             cut = record.get("truncation_rate")
             if self.watch_truncation and cut is not None and cut - self.truncation_base > gc.truncation_rise:

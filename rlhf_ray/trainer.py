@@ -215,8 +215,6 @@ class PPOTrainer:
         self._stop_at: Optional[int] = None  # run(): no rollout is sent for a step past its last
         self.step_index = 0
         self.bad_steps = BadSteps(cfg.ppo.max_bad_steps)
-        # The adapter and value head of the newest step the guard found healthy: what a stopped run keeps.
-        self._good: Optional[tuple[int, Any, dict]] = None
         self.all_records: list[dict[str, Any]] = []  # every step of the run, a resumed one's earlier steps too
         self.evals: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
@@ -467,7 +465,8 @@ class PPOTrainer:
                                      watch_truncation=cfg.ppo.truncated != "score")
         for r in self.previous_records:
             self.guard.check(r)
-        self._good = (self.step_index - 1, self.latest_adapter, dict(self.value_head)) if self.step_index else None
+        # The step, adapter and value head the guard last found healthy: what a stopped run keeps.
+        self._good: Optional[tuple[int, Any, dict]] = (self.step_index - 1, self.latest_adapter, dict(self.value_head)) if self.step_index else None
 
     def _watch(self, alarms: list[str], step: int) -> None:
         """Warn of each alarm; past guard.patience alarmed steps in a row with guard.action=stop,
@@ -482,12 +481,8 @@ class PPOTrainer:
             return
         kept = "no healthy step yet: no adapter kept"
         if self._good is not None:
-            import ray
-
-            from .sync import save_policy
-
             good_step, ref, head = self._good
-            self.adapter_dir = save_policy(ray.get(ref), head, self.run_dir / "adapter")
+            self.save_policy(ref, head)
             kept = f"the adapter after step {good_step} (the last healthy one) saved to {self.adapter_dir}"
         last = self.checkpoint_dir or "none written (checkpoint.every is 0)"
         raise DivergenceError(
@@ -562,14 +557,15 @@ class PPOTrainer:
             out[role] = call(role, handle.memory_stats.remote(), self._timeout)
         return out
 
-    def save_policy(self) -> Path:
-        """``<run>/adapter``: the current adapter as a PEFT directory plus the value head,
-        replaced atomically."""
+    def save_policy(self, adapter_ref=None, value_head: Optional[dict] = None) -> Path:
+        """``<run>/adapter``: the adapter (default: the current one) as a PEFT directory plus its
+        value head, replaced atomically."""
         import ray
 
         from .sync import save_policy
 
-        self.adapter_dir = save_policy(ray.get(self.latest_adapter), self.value_head, self.run_dir / "adapter")
+        ref, head = (self.latest_adapter, self.value_head) if adapter_ref is None else (adapter_ref, value_head)
+        self.adapter_dir = save_policy(ray.get(ref), head, self.run_dir / "adapter")
         return self.adapter_dir
 
     def run(self, steps: Optional[int] = None, evaluate: bool = True) -> list[dict[str, Any]]:
