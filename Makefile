@@ -17,7 +17,7 @@ ifeq ($(filter cpu gpu,$(STACK_USED)),)
 $(error STACK must be auto, cpu or gpu, not '$(STACK)')
 endif
 
-.PHONY: run test test-fast venv clean clean-runs
+.PHONY: run test test-fast docs venv clean clean-runs
 
 venv: $(STAMP)
 
@@ -53,6 +53,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not integration" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+# The generated docs: the config reference (from the comments in rlhf_ray/config.py) and
+# BENCHMARKS.md (from benchmarks/results/*.json). Tests fail when either is out of date.
+docs: $(STAMP)
+	$(VENV)/bin/python -m rlhf_ray.config_doc docs/config-reference.md
+	$(VENV)/bin/rlhf-ray bench report
 
 # The venv and caches only: runs/ (trained models, checkpoints, reports) stays.
 clean:

@@ -35,16 +35,16 @@ GENERATIONS_PER_PROMPT = 4
 
 
 def grpo_config(cfg, steps: int, max_new_tokens: int):
-    """The config's run as GRPO with TRL's loss choices: ``ppo.batch_size`` prompts of
+    """The config's run as GRPO with TRL's loss choices: ``ppo.prompts_per_step`` prompts of
     ``GENERATIONS_PER_PROMPT`` samples each step (the same samples per step as the PPO run)."""
-    prompts = max(cfg.learner.num_workers, cfg.ppo.batch_size // GENERATIONS_PER_PROMPT)
-    ppo = dataclasses.replace(cfg.ppo, steps=steps, batch_size=prompts, estimator="grpo", group_std=True,
+    prompts = max(cfg.learner.num_workers, cfg.ppo.prompts_per_step // GENERATIONS_PER_PROMPT)
+    ppo = dataclasses.replace(cfg.ppo, steps=steps, prompts_per_step=prompts, estimator="grpo", group_std=True,
                               kl_in="loss", kl_estimator="k3", kl_target=None, truncated="score",
                               loss_agg="token_mean", ratio_level="token", clip_eps_high=None)
     rollout = dataclasses.replace(cfg.rollout, samples_per_prompt=GENERATIONS_PER_PROMPT,
                                   max_new_tokens=max_new_tokens)
     # The PPO run's rows per optimizer step, now GENERATIONS_PER_PROMPT to a prompt.
-    learner = dataclasses.replace(cfg.learner, minibatch_size=max(1, cfg.learner.minibatch_size // GENERATIONS_PER_PROMPT))
+    learner = dataclasses.replace(cfg.learner, minibatch_prompts=max(1, cfg.learner.minibatch_prompts // GENERATIONS_PER_PROMPT))
     return dataclasses.replace(cfg, ppo=ppo, rollout=rollout, learner=learner)
 
 
@@ -110,7 +110,7 @@ def _trl(cfg, base: str, reward: str, prompts: list[str], steps: int, out_dir: s
     def reward_fn(prompts, completions, **_):
         return scorer.score(prompts, completions)
 
-    per_step = cfg.ppo.batch_size * cfg.rollout.samples_per_prompt  # samples generated per rlhf-ray step
+    per_step = cfg.ppo.prompts_per_step * cfg.rollout.samples_per_prompt  # samples generated per rlhf-ray step
     minibatch = cfg.minibatch_rows  # completions per optimizer step
     rounds = per_step // minibatch  # optimizer steps per generation round and epoch
     args = GRPOConfig(
@@ -247,7 +247,7 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
              f"{judged['base']:.3f}.\n" + "\n".join(
                  f"target {name}: {t['value']:.2f} (goal {t['goal']}): {'met' if t['met'] else 'NOT met'}"
                  for name, t in targets.items()))
-    params = {"steps": steps, "curve_steps": args.curve_steps, "samples_per_step": main_cfg.ppo.batch_size
+    params = {"steps": steps, "curve_steps": args.curve_steps, "samples_per_step": main_cfg.ppo.prompts_per_step
               * GENERATIONS_PER_PROMPT, "generations_per_prompt": GENERATIONS_PER_PROMPT, "lengths": lengths,
               "eval_prompts": len(held), "eval_samples_per_prompt": k}
     return params, results, text

@@ -79,8 +79,8 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
                                             "heads": cfg.model.tiny_heads, "intermediate": 4 * cfg.model.tiny_hidden,
                                             "vocab": cfg.model.tiny_vocab}
     rows, seq_len = args.rows, args.seq_len
-    common = ["learner.num_workers=1", "learner.epochs=2", f"learner.minibatch_size={rows}",
-              f"ppo.batch_size={rows}", f"data.max_prompt_tokens=32"]
+    common = ["learner.num_workers=1", "learner.epochs=2", f"learner.minibatch_prompts={rows}",
+              f"ppo.prompts_per_step={rows}", f"data.max_prompt_tokens=32"]
     variants: list[tuple[str, Path, list[str]]] = []
     with tempfile.TemporaryDirectory(prefix="rr-learner-mem-") as tmp:
         model_path, n_params = build_mid_model(Path(tmp) / "model", spec, seq_len + 8)

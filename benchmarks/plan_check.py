@@ -45,7 +45,7 @@ def static_bytes(cfg, model_dir: str) -> dict[str, Any]:
     from rlhf_ray.plan import model_shape
     from rlhf_ray.plan.memory import learner_bytes
 
-    cfg, core = _core(cfg, model_dir, minibatch_size=4, micro_batch_size=4)
+    cfg, core = _core(cfg, model_dir, minibatch_prompts=4, micro_batch_size=4)
     from transformers import AutoConfig
 
     b = _batch(4, 6, 10, AutoConfig.from_pretrained(model_dir).vocab_size)

@@ -76,7 +76,7 @@ def run_step(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any], 
     text = table(["stage", "wall s", "compute s", "orchestration s"], rows)
     text += (f"\norchestration overhead {100 * overhead:.1f}% of the step (target <= {100 * TARGET_OVERHEAD:.0f}%): "
              f"{'met' if overhead <= TARGET_OVERHEAD else 'NOT met'}; {results['samples_per_s']:.1f} samples/s")
-    return {"steps_measured": len(records), "batch_size": cfg.ppo.batch_size}, results, text
+    return {"steps_measured": len(records), "batch_size": cfg.ppo.prompts_per_step}, results, text
 
 
 def run_memory(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -129,7 +129,7 @@ def run_scaling(cfg, args, trainer: Optional[Any] = None) -> tuple[dict[str, Any
     cores = len(os.sched_getaffinity(0))
     sizes = list(range(1, max(2, args.max_actors) + 1))
     out = {}
-    with _trainer(cfg, trainer, num_actors=1) as tr:
+    with _trainer(cfg, trainer, num_engines=1) as tr:
         cfg = tr.cfg
         while len(tr.generators) > sizes[0]:
             tr.remove_rollout_actor()

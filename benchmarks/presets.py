@@ -44,8 +44,8 @@ def on_base_run(run: Path) -> list[str]:
 
 def cell_overrides(base: Path, n: int, seed: int, name: str, out: Path) -> list[str]:
     prompts = SAMPLES_PER_STEP // n
-    return [*on_base_run(base), f"rollout.samples_per_prompt={n}", f"ppo.batch_size={prompts}",
-            f"learner.minibatch_size={prompts // 2}",
+    return [*on_base_run(base), f"rollout.samples_per_prompt={n}", f"ppo.prompts_per_step={prompts}",
+            f"learner.minibatch_prompts={prompts // 2}",
             # The held-out prompts stay the same (data.seed): the spread is sampling and initialisation.
             f"rollout.seed={seed}", f"model.seed={seed}",
             f"output.dir={out}", f"output.name={name}", "output.trackers=[jsonl]"]

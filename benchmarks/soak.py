@@ -109,4 +109,4 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     text += (f"\n{res['versions_published']} adapter versions published; per engine at the end: "
              + ", ".join(f"{n}: {g['loaded_loras']} LoRA slot(s), {g['adapter_dirs']} dir(s)" for n, g in gens.items())
              + "\n" + "; ".join(f"{k}: {'met' if t['met'] else 'NOT met'}" for k, t in res["targets"].items()))
-    return {"steps": args.steps, "early_step": early, "batch_size": cfg.ppo.batch_size}, res, text
+    return {"steps": args.steps, "early_step": early, "batch_size": cfg.ppo.prompts_per_step}, res, text

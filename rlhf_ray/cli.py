@@ -12,6 +12,11 @@ from .config import Config, ConfigError, dump_config, load_config
 
 
 def _cmd_config(cfg: Config, args: argparse.Namespace) -> int:
+    if args.explain is not None:
+        from .config_doc import explain
+
+        print(explain(args.explain or None), end="")
+        return 0
     print(dump_config(cfg), end="")
     return 0
 
@@ -222,8 +227,8 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     # Flags override the config's cluster.nodes / cluster.gpu_memory_gib.
     nodes = args.nodes if args.nodes is not None else cfg.cluster.nodes
     gpu_mem_gib = args.gpu_mem_gib if args.gpu_mem_gib is not None else cfg.cluster.gpu_memory_gib
-    reference_gpus = cfg.reference.num_gpus if cfg.reference.mode == "actor" else 0.0
-    asked = (int(cfg.learner.use_gpu) * cfg.learner.num_workers + cfg.rollout.num_gpus * cfg.rollout.num_actors
+    reference_gpus = cfg.reference.num_gpus if cfg.reference.mode == "separate" else 0.0
+    asked = (int(cfg.learner.use_gpu) * cfg.learner.num_workers + cfg.rollout.num_gpus * cfg.rollout.num_engines
              + cfg.reward.num_gpus + reference_gpus)
     gpus = args.gpus if args.gpus is not None else max(1, math.ceil(asked - 1e-9))
     if nodes < 1 or gpus < 1 or gpu_mem_gib <= 0:
@@ -243,8 +248,8 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     print()
     if cfg.rollout.num_gpus > 0 and cfg.learner.use_gpu and cfg.reward.num_gpus > 0:
         rows = split_table(cfg, shape, rm_shape, gpus=gpus, nodes=nodes, gpu_memory=memory, **lengths)
-        print(render_splits(rows, (cfg.rollout.num_actors, cfg.learner.num_workers)))
-        mine = next((e for e in rows if (e.generators, e.learners) == (cfg.rollout.num_actors, cfg.learner.num_workers)),
+        print(render_splits(rows, (cfg.rollout.num_engines, cfg.learner.num_workers)))
+        mine = next((e for e in rows if (e.generators, e.learners) == (cfg.rollout.num_engines, cfg.learner.num_workers)),
                     None)
         if mine is not None:
             print(checkpoint_line(cfg, mine.step_s))
@@ -420,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "
                                 "runs the same checks)")
+        if name == "config":
+            p.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
+                           help="print every key (of SECTION) with its type, default and meaning instead")
         if name == "plan":
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
             p.add_argument("--gpu-mem-gib", type=float, default=None,
@@ -448,12 +456,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dashed_overrides(argv: Sequence[str]) -> list[str]:
+    """``--ppo.clip_eps=0.1`` and ``--ppo.clip_eps 0.1`` (the Hydra/argparse habit) as the override
+    ``ppo.clip_eps=0.1``; only for a dotted key of a known section, so no option is taken."""
+    from .config import _sections
+
+    sections, out, i = _sections(), [], 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        key = a[2:].split("=", 1)[0]
+        if a.startswith("--") and "." in key and key.split(".")[0] in sections:
+            if "=" in a:
+                out.append(a[2:])
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(a)  # no value: left for the error that says so
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("rlhf-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the last resort: one line here, the traceback in a file
+        import tempfile
+        import time
+        import traceback
+
+        log = os.path.join(tempfile.gettempdir(), f"rlhf-ray-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+        try:
+            with open(log, "w") as f:
+                traceback.print_exc(file=f)
+            where = f"the traceback is in {log}"
+        except OSError:
+            where = "no log could be written: set RLHF_RAY_TRACEBACK=1 to see the traceback"
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"rlhf-ray: unexpected error: {type(e).__name__}: {first} ({where}; please report it)", file=sys.stderr)
+        if os.environ.get("RLHF_RAY_TRACEBACK"):
+            raise
+        return 1
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`train a.b=1 --config x.yaml c.d=2`);
     # argparse leaves the later ones unparsed, so collect them here.
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(dashed_overrides(argv))
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    dotted = [x for x in unknown if x.startswith("--") and "." in x]
+    if dotted:  # a config key given as an option without a value
+        parser.error(f"{dotted[0]}: a config key needs a value: {dotted[0][2:]}=VALUE")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "resume", None) and "=" in args.resume and not os.path.isdir(args.resume):

@@ -55,6 +55,24 @@ def _unit_interval(obj: Any, *names: str) -> None:
         _check(0.0 <= v <= 1.0, n, f"must be in [0, 1], got {v!r}")
 
 
+def _did_you_mean(word: Any, choices: Iterable[Any]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``word``, else ''."""
+    import difflib
+
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6) if isinstance(word, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_of(obj: Any, name: str, choices: Sequence[Any], *, nullable: bool = False) -> None:
+    v = getattr(obj, name)
+    if v in choices or (nullable and v is None):
+        return
+    allowed = (f"{choices[0]!r} or {choices[1]!r}" if len(choices) == 2 and not nullable
+               else "one of " + ", ".join(map(repr, choices)) + (" or null" if nullable else ""))
+    raise _FieldError(name, f"must be {allowed}, got {v!r}{_did_you_mean(v, choices)}")
+
+
 ALLOCATORS = ("auto", "tcmalloc", "system")
 
 # vLLM seeds numpy with its engine seed (< 2**32) and engine i gets seed + i; 2**31 leaves room.
@@ -69,24 +87,23 @@ def _seed(obj: Any) -> None:
 class ModelConfig:
     """The policy's base model."""
 
-    path: Optional[str] = None  # local directory or hub id; None = build the tiny model
-    tiny_dir: str = "runs/_tiny_model"  # where the tiny model is built when path is None
-    dtype: str = "float32"  # float32 on CPU keeps vLLM and HF log-probs in agreement
-    tiny_layers: int = 2
-    tiny_hidden: int = 128
+    path: Optional[str] = None  # local directory or hub id; null = build the tiny model
+    tiny_dir: str = "runs/_tiny_model"  # where the tiny model is built when path is null
+    dtype: str = "float32"  # float32, bfloat16 or float16; float32 on CPU keeps vLLM and HF log-probs in agreement
+    tiny_layers: int = 2  # decoder layers of the tiny model
+    tiny_hidden: int = 128  # hidden size of the tiny model
     tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
-    tiny_vocab: int = 512
-    tiny_max_positions: int = 256
+    tiny_vocab: int = 512  # vocabulary of the tiny model's tokenizer (trained on tiny_corpus)
+    tiny_max_positions: int = 256  # the tiny model's context length, in tokens
     tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews or math (data.task's)
-    seed: int = 0
+    seed: int = 0  # seeds the tiny model's initialisation and the learner's value head
 
     def __post_init__(self) -> None:
         _positive(self, "tiny_layers", "tiny_hidden", "tiny_heads", "tiny_vocab", "tiny_max_positions")
-        _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
-               f"must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        _one_of(self, "dtype", ("float32", "bfloat16", "float16"))
         from .data.task import TASKS
 
-        _check(self.tiny_corpus in TASKS, "tiny_corpus", f"must be one of {list(TASKS)}, got {self.tiny_corpus!r}")
+        _one_of(self, "tiny_corpus", list(TASKS))
         _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
                f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
         _seed(self)
@@ -96,10 +113,10 @@ class ModelConfig:
 class LoraConfig:
     """PEFT LoRA adapter trained by the learner and served by the generators."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rank: int = 8  # r: the adapter's inner dimension (at most rollout.max_lora_rank)
+    alpha: float = 16.0  # LoRA's scale numerator: the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # the linear layers that get an adapter (Llama names; all-linear adds gate_proj, up_proj, down_proj)
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank!r}")
@@ -117,30 +134,28 @@ class DataConfig:
     task: str = "reviews"  # the generated task where no file is given: reviews (sentiment) or math (GSM8K-shaped)
     prompts_path: Optional[str] = None  # JSONL/JSON file, `datasets` dir or hub name: `prompt`, or text + label
     num_prompts: int = 256  # how many prompts to generate (null prompts_path only)
-    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (None = all of it)
+    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
     max_prompt_tokens: int = 32  # longer prompts are cut or left out (over_long)
     on_bad_record: str = "skip"  # skip (count and report file:line) or error (stop at the first)
-    text_field: Optional[str] = None  # classification sets: the text column; None = first of prompt/text/sentence/...
-    label_field: str = "label"
+    text_field: Optional[str] = None  # classification sets: the text column; null = first of prompt/text/sentence/...
+    label_field: str = "label"  # classification sets: the label column (used by keep_labels and the judge)
     keep_labels: Optional[List[str]] = None  # e.g. ["0"] to prompt only with negative reviews
     prompt_words: Optional[int] = None  # keep the first N words of each text as the prompt
     chat_template: str = "auto"  # message lists: auto (the tokenizer's template, if any), none (plain), or a Jinja file
     over_long: str = "truncate"  # prompts/dialogues over a length limit: truncate (oldest tokens) or drop
-    seed: int = 0
+    seed: int = 0  # seeds the generated task and the prompt order
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "max_prompt_tokens")
         _cap(self, "max_prompts")
         from .data.task import TASKS
 
-        _check(self.task in TASKS, "task", f"must be one of {list(TASKS)}, got {self.task!r}")
-        _check(self.on_bad_record in ("skip", "error"), "on_bad_record",
-               f"must be 'skip' or 'error', got {self.on_bad_record!r}")
+        _one_of(self, "task", list(TASKS))
+        _one_of(self, "on_bad_record", ("skip", "error"))
         t = self.chat_template
         _check(t in ("auto", "none") or (t.strip() == t != "" and t.lower() not in ("auto", "none", "null")),
                "chat_template", f"must be 'auto', 'none' or the path of a Jinja template file, got {t!r}")
-        _check(self.over_long in ("truncate", "drop"), "over_long",
-               f"must be 'truncate' or 'drop', got {self.over_long!r}")
+        _one_of(self, "over_long", ("truncate", "drop"))
         _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
                f"must be > 0 or null, got {self.prompt_words!r}")
         _seed(self)
@@ -165,28 +180,28 @@ def _check_stage_workers(obj: Any) -> None:
 class SFTConfig:
     """Supervised fine-tuning (`rlhf-ray sft`); its output becomes PPO's base and reference."""
 
-    data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; None = the generated task
+    data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; null = the generated task
     num_examples: int = 2000  # how many records to generate (null data_path only)
-    max_examples: Optional[int] = None  # read at most this many records of data_path (None = all of it)
+    max_examples: Optional[int] = None  # read at most this many records of data_path (null = all of it)
     mode: str = "full"  # full, or lora (the adapter is merged into the saved model)
-    epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 32
-    max_seq_len: int = 96
-    eval_fraction: float = 0.05
-    output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/sft_model
+    epochs: int = 2  # passes over the training records
+    lr: float = 2e-3  # AdamW learning rate
+    batch_size: int = 32  # rows per optimizer step over all workers
+    max_seq_len: int = 96  # prompt + response tokens per row; longer records are cut (data.over_long)
+    eval_fraction: float = 0.05  # share of the records held out for the eval loss
+    output_dir: Optional[str] = None  # null = <output.dir>/<output.name>/sft_model
     num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
     use_gpu: bool = False  # one GPU per worker
-    num_cpus_per_worker: float = 1.0
-    micro_batch_size: Optional[int] = None  # rows per forward on one worker (None = its whole share)
+    num_cpus_per_worker: float = 1.0  # Ray's logical CPUs per worker (bookkeeping)
+    micro_batch_size: Optional[int] = None  # rows per forward on one worker (null = its whole share)
     gradient_checkpointing: bool = False  # recompute activations in backward (7B on 24 GB cards)
-    seed: int = 0
+    seed: int = 0  # seeds the split, the order and the initialisation
 
     def __post_init__(self) -> None:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_examples")
         _check_stage_workers(self)
-        _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
+        _one_of(self, "mode", ("full", "lora"))
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         _seed(self)
 
@@ -196,31 +211,31 @@ class RMConfig:
     """Reward-model training (`rlhf-ray train-rm`) on preference pairs."""
 
     data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir of chosen/rejected pairs
-    eval_path: Optional[str] = None  # held-out pairs; None = eval_fraction of data_path (generated: held-out subjects)
+    eval_path: Optional[str] = None  # held-out pairs; null = eval_fraction of data_path (generated: held-out subjects)
     num_pairs: int = 1000  # how many pairs to generate (null data_path only)
-    max_pairs: Optional[int] = None  # read at most this many records of data_path (None = all of it)
+    max_pairs: Optional[int] = None  # read at most this many records of data_path (null = all of it)
     base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
     mode: str = "full"  # full, or lora (adapter + score head merged into the saved model)
     use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_seq_len: int = 128
-    eval_fraction: float = 0.1
-    output_dir: Optional[str] = None  # None = <output.dir>/<output.name>/reward_model
+    epochs: int = 2  # passes over the training pairs
+    lr: float = 1e-3  # AdamW learning rate
+    batch_size: int = 16  # pairs per optimizer step over all workers
+    max_seq_len: int = 128  # prompt + response tokens of each side of a pair
+    eval_fraction: float = 0.1  # share of the pairs held out for the eval accuracy (null eval_path)
+    output_dir: Optional[str] = None  # null = <output.dir>/<output.name>/reward_model
     num_workers: int = 1  # Ray Train workers (data parallel); the stage runs on them, not on the driver
     use_gpu: bool = False  # one GPU per worker
-    num_cpus_per_worker: float = 1.0
-    micro_batch_size: Optional[int] = None  # rows per forward on one worker (None = its whole share)
+    num_cpus_per_worker: float = 1.0  # Ray's logical CPUs per worker (bookkeeping)
+    micro_batch_size: Optional[int] = None  # rows per forward on one worker (null = its whole share)
     gradient_checkpointing: bool = False  # recompute activations in backward (7B on 24 GB cards)
-    seed: int = 0
+    seed: int = 0  # seeds the split, the order and the score head
 
     def __post_init__(self) -> None:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_pairs")
         _check_stage_workers(self)
-        _check(self.mode in ("full", "lora"), "mode", f"must be 'full' or 'lora', got {self.mode!r}")
-        _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
+        _one_of(self, "mode", ("full", "lora"))
+        _one_of(self, "base", ("sft", "model"))
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
         _seed(self)
 
@@ -230,17 +245,17 @@ class EvalConfig:
     """The independent judge, run on held-out prompts before and after PPO."""
 
     judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (an `answer` column), or none
-    prompts_path: Optional[str] = None  # None = generated prompts from the held-out subjects
+    prompts_path: Optional[str] = None  # null = generated prompts from the held-out subjects
     num_prompts: int = 128  # how many held-out prompts to generate (null prompts_path only)
-    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (None = all of it)
-    samples_per_prompt: int = 2
+    max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
+    samples_per_prompt: int = 2  # responses judged per held-out prompt
 
     def __post_init__(self) -> None:
         _positive(self, "num_prompts", "samples_per_prompt")
         _cap(self, "max_prompts")
         from .data.task import JUDGES
 
-        _check(self.judge in (*JUDGES, "none"), "judge", f"must be one of {[*JUDGES, 'none']}, got {self.judge!r}")
+        _one_of(self, "judge", [*JUDGES, "none"])
 
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
@@ -250,27 +265,27 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora
 class RolloutConfig:
     """vLLM generator actors; their count is independent of the learner's workers."""
 
-    num_actors: int = 2
+    num_engines: int = 2  # vLLM engines (generator actors), each serving the current adapter
     samples_per_prompt: int = 1  # vLLM's n: samples of one prompt, generated together on one engine
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24  # longest response, in tokens; a response cut here has no EOS (ppo.truncated says what it earns)
     # Sampling. The learner models temperature, top_k and top_p exactly (its log-probs, KL and
     # entropy are of the same truncated, renormalised distribution vLLM samples from).
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    temperature: float = 1.0  # softmax temperature of sampling (1.0 = the policy's own distribution)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = off)
+    top_k: int = 0  # sample among the k most likely tokens only (0 = off)
     repetition_penalty: float = 1.0  # only 1.0: the learner cannot model a penalty on history
     max_lora_rank: int = 16  # vLLM's default is 16; the policy's lora.rank must fit under it
-    max_loras: int = 1
-    max_model_len: Optional[int] = None  # None = longest prompt + max_new_tokens (sizes the engine)
-    kv_cache_mib: Optional[int] = None  # explicit KV cache; None = 256 MiB on CPU, on GPU what
+    max_loras: int = 1  # adapters an engine holds at once (one version at a time is served)
+    max_model_len: Optional[int] = None  # null = longest prompt + max_new_tokens (sizes the engine)
+    kv_cache_mib: Optional[int] = None  # explicit KV cache; null = 256 MiB on CPU, on GPU what
     #                                     gpu_memory_utilization leaves after weights and activations
-    gpu_memory_utilization: Optional[float] = None  # None = 0.9 on GPU; on CPU vLLM reads it as a
-    #                                                 fraction of RAM (None = 0.1)
-    enforce_eager: Optional[bool] = None  # None = eager on CPU, CUDA graphs on GPU
+    gpu_memory_utilization: Optional[float] = None  # null = 0.9 on GPU; on CPU vLLM reads it as a
+    #                                                 fraction of RAM (null = 0.1)
+    enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
     # The engine's core and model runner in the generator's own process instead of two child
     # processes (vLLM's default): each child imports torch and vLLM again, which on the CPU
     # backend is most of an engine's start-up (35 s -> 14 s for the tiny model, generation as
-    # fast). None = in-process on CPU, vLLM's default on a GPU.
+    # fast). null = in-process on CPU, vLLM's default on a GPU.
     engine_in_process: Optional[bool] = None
     # The generators' malloc. vLLM's CPU backend asks for tcmalloc preloaded: generation was
     # ~1.3x faster with it on the tiny model. auto = tcmalloc on CPU where the library is
@@ -285,7 +300,7 @@ class RolloutConfig:
     max_staleness: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.num_actors >= 1, "num_actors", f"must be >= 1, got {self.num_actors!r}")
+        _check(self.num_engines >= 1, "num_engines", f"must be >= 1, got {self.num_engines!r}")
         _positive(self, "samples_per_prompt", "max_new_tokens", "temperature", "max_lora_rank", "max_loras")
         # vLLM's own LoRAConfig refuses any other value, but only inside a rollout actor.
         _check(self.max_lora_rank in VLLM_MAX_LORA_RANKS, "max_lora_rank",
@@ -304,7 +319,7 @@ class RolloutConfig:
         _check(self.gpu_memory_utilization is None or 0.0 < self.gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization", f"must be in (0, 1] or null, got {self.gpu_memory_utilization!r}")
         _nonnegative(self, "num_cpus", "num_gpus")
-        _check(self.allocator in ALLOCATORS, "allocator", f"must be one of {list(ALLOCATORS)}, got {self.allocator!r}")
+        _one_of(self, "allocator", ALLOCATORS)
         _check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "max_staleness",
                f"must be an integer >= 0, got {self.max_staleness!r}")
         _seed(self)
@@ -316,7 +331,7 @@ class RewardFunctionConfig:
 
     path: str = ""  # file.py:function (from the job's working directory) or package.module:function
     weight: float = 1.0  # its factor in the weighted sum of reward components
-    name: Optional[str] = None  # its metrics key reward/<name>; None = the function's name
+    name: Optional[str] = None  # its metrics key reward/<name>; null = the function's name
 
     @property
     def label(self) -> str:
@@ -332,25 +347,25 @@ class RewardConfig:
     scorer, as a weighted sum (rlhf_ray/rewards.py). With none of them set, the reward model
     `train-rm` wrote for this run."""
 
-    path: Optional[str] = None  # a reward model directory or hub id; None = the run's own, unless others are set
+    path: Optional[str] = None  # a reward model directory or hub id; null = the run's own, unless others are set
     model_weight: float = 1.0  # the reward model's factor in the sum
     rule: Optional[str] = None  # a rule from rlhf_ray.rules.RULES (tests, checkable tasks)
     functions: List[RewardFunctionConfig] = field(default_factory=list)  # [{path: file.py:fn, weight: 1.0, name: x}]
     url: Optional[str] = None  # POST JSON batches here and read back scores (a reward served elsewhere)
-    url_weight: float = 1.0
+    url_weight: float = 1.0  # the remote scorer's factor in the sum
     timeout_s: float = 120.0  # per call of a function or of reward.url
     retries: int = 3  # reward.url: attempts after the first (connection errors, timeouts, 5xx)
     num_actors: int = 1  # reward actors; each step's samples are dealt among them
     batch_size: int = 32  # reward-model forward rows
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0
+    num_cpus: float = 0.25  # Ray's logical CPUs per reward actor (bookkeeping)
+    num_gpus: float = 0.0  # GPUs per reward actor (0 = CPU; a 7B reward model needs one)
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "timeout_s", "num_actors")
         _nonnegative(self, "retries")
         from .rules import RULES
 
-        _check(self.rule is None or self.rule in RULES, "rule", f"must be one of {sorted(RULES)} or null, got {self.rule!r}")
+        _one_of(self, "rule", sorted(RULES), nullable=True)
         _nonnegative(self, "num_cpus", "num_gpus")
         _check(self.url is None or self.url.startswith(("http://", "https://")), "url",
                f"must be an http:// or https:// URL, got {self.url!r}")
@@ -375,13 +390,14 @@ class RewardConfig:
 class ReferenceConfig:
     """Reference policy for the KL penalty."""
 
-    mode: str = "shared_base"  # shared_base: learner's base with adapter off; actor: own copy
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0
+    # shared_base: the learner computes it from its own base with the adapter off (no second copy);
+    # separate: a frozen copy of the base in its own actor (reference.num_gpus places it)
+    mode: str = "shared_base"
+    num_cpus: float = 0.25  # Ray's logical CPUs of a separate reference actor (bookkeeping)
+    num_gpus: float = 0.0  # GPUs of a separate reference actor (0 = CPU; a 7B reference needs one)
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("shared_base", "actor"), "mode",
-               f"must be 'shared_base' or 'actor', got {self.mode!r}")
+        _one_of(self, "mode", ("shared_base", "separate"))
         _nonnegative(self, "num_cpus", "num_gpus")
 
 
@@ -389,23 +405,23 @@ class ReferenceConfig:
 class LearnerConfig:
     """Ray Train data-parallel learner."""
 
-    num_workers: int = 2
-    use_gpu: bool = False
-    lr: float = 1e-3
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker
+    lr: float = 1e-3  # AdamW learning rate of the adapter and value head
     epochs: int = 2  # PPO epochs over each rollout batch
     # Prompts per optimizer step, over all workers together; each brings its
-    # rollout.samples_per_prompt samples, so the rows are minibatch_size x samples_per_prompt and a
-    # PPO step makes epochs x ppo.batch_size / minibatch_size optimizer steps whatever the group size.
-    minibatch_size: int = 16
+    # rollout.samples_per_prompt samples, so the rows are minibatch_prompts x samples_per_prompt and a
+    # PPO step makes epochs x ppo.prompts_per_step / minibatch_prompts optimizer steps whatever the group size.
+    minibatch_prompts: int = 16
     micro_batch_size: int = 2  # rows per forward/backward on one worker; gradients accumulate
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
-    max_grad_norm: float = 1.0
-    num_cpus_per_worker: float = 0.5
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    num_cpus_per_worker: float = 0.5  # Ray's logical CPUs per worker (bookkeeping)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
-        _positive(self, "lr", "epochs", "minibatch_size", "micro_batch_size", "logprob_chunk_tokens",
+        _positive(self, "lr", "epochs", "minibatch_prompts", "micro_batch_size", "logprob_chunk_tokens",
                   "max_grad_norm")
         _check(self.num_cpus_per_worker >= 0, "num_cpus_per_worker",
                f"must be >= 0, got {self.num_cpus_per_worker!r}")
@@ -421,18 +437,18 @@ class PPOConfig:
     """PPO objective and schedule."""
 
     base: str = "sft"  # sft: the SFT stage's model is PPO's base and reference; model: model.path/tiny
-    steps: int = 10
-    batch_size: int = 32  # prompts per step, split across rollout actors
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
+    steps: int = 10  # PPO steps (rollout, score, update, publish) of the run
+    prompts_per_step: int = 32  # prompts per PPO step (each brings rollout.samples_per_prompt samples), dealt to the engines
+    clip_eps: float = 0.2  # the ratio's clip range: [1 - clip_eps, 1 + clip_eps]
+    value_clip_eps: float = 0.2  # the value prediction's clip range around the old value
+    gamma: float = 1.0  # discount per token (1.0: none)
+    lam: float = 0.95  # GAE's lambda (bias-variance trade-off of the advantages)
+    vf_coef: float = 0.1  # the value loss's factor in the loss
+    entropy_coef: float = 0.0  # the entropy bonus's factor (0 = none)
+    kl_coef: float = 0.05  # the KL penalty's factor to the reference (the start value with kl_target)
+    kl_estimator: str = "k1"  # KL estimator per token: k1 (log-ratio), k2 (half its square) or k3 (unbiased, non-negative)
     kl_target: Optional[float] = None  # set to use the adaptive KL controller
-    kl_horizon: int = 10000
+    kl_horizon: int = 10000  # the adaptive controller's horizon, in samples: how fast kl_coef follows kl_target
     estimator: str = "gae"  # advantage estimator, from rlhf_ray.algo.ESTIMATORS
     whiten_advantages: bool = True  # gae only: the critic-free estimators normalise on their own
     group_std: bool = True  # grpo: divide by the prompt's reward std (dr_grpo never does)
@@ -460,35 +476,29 @@ class PPOConfig:
     tis_level: str = "token"  # token | sequence (one weight per response, from its summed log-ratio)
 
     def __post_init__(self) -> None:
-        _check(self.base in ("sft", "model"), "base", f"must be 'sft' or 'model', got {self.base!r}")
-        _positive(self, "steps", "batch_size", "clip_eps", "value_clip_eps", "kl_horizon", "max_bad_steps")
+        _one_of(self, "base", ("sft", "model"))
+        _positive(self, "steps", "prompts_per_step", "clip_eps", "value_clip_eps", "kl_horizon", "max_bad_steps")
         _unit_interval(self, "gamma", "lam")
         _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef!r}")
         _check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef!r}")
         _check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef!r}")
-        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator",
-               f"must be one of k1, k2, k3, got {self.kl_estimator!r}")
+        _one_of(self, "kl_estimator", ("k1", "k2", "k3"))
         _check(self.kl_target is None or self.kl_target > 0, "kl_target",
                f"must be > 0 or null, got {self.kl_target!r}")
         from .algo.estimators import ESTIMATORS
 
-        _check(self.estimator in ESTIMATORS, "estimator",
-               f"must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        _check(self.kl_in in ("reward", "loss"), "kl_in", f"must be 'reward' or 'loss', got {self.kl_in!r}")
+        _one_of(self, "estimator", sorted(ESTIMATORS))
+        _one_of(self, "kl_in", ("reward", "loss"))
         _check(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high",
                f"must be > 0 or null, got {self.clip_eps_high!r}")
-        _check(self.ratio_level in ("token", "sequence"), "ratio_level",
-               f"must be 'token' or 'sequence', got {self.ratio_level!r}")
+        _one_of(self, "ratio_level", ("token", "sequence"))
         from .algo.masked import LOSS_AGGREGATIONS
 
-        _check(self.loss_agg is None or self.loss_agg in LOSS_AGGREGATIONS, "loss_agg",
-               f"must be one of {list(LOSS_AGGREGATIONS)} or null, got {self.loss_agg!r}")
+        _one_of(self, "loss_agg", list(LOSS_AGGREGATIONS), nullable=True)
         _check(self.tis_cap is None or self.tis_cap >= 0, "tis_cap",
                f"must be > 0, 0 (off) or null (on when rollout.max_staleness >= 1), got {self.tis_cap!r}")
-        _check(self.tis_level in ("token", "sequence"), "tis_level",
-               f"must be 'token' or 'sequence', got {self.tis_level!r}")
-        _check(self.truncated in ("score", "penalty", "mask"), "truncated",
-               f"must be one of score, penalty, mask, got {self.truncated!r}")
+        _one_of(self, "tis_level", ("token", "sequence"))
+        _one_of(self, "truncated", ("score", "penalty", "mask"))
 
 
 @dataclass(frozen=True)
@@ -512,7 +522,7 @@ class GuardConfig:
     warmup: int = 3  # first steps that set the truncation and reward baselines (no alarm on those two)
 
     def __post_init__(self) -> None:
-        _check(self.action in ("stop", "warn", "off"), "action", f"must be stop, warn or off, got {self.action!r}")
+        _one_of(self, "action", ("stop", "warn", "off"))
         _positive(self, "patience", "kl_factor", "truncation_rise", "mismatch_max", "capped_max", "reward_drop",
                   "reward_window")
         _nonnegative(self, "warmup")
@@ -523,8 +533,8 @@ class GuardConfig:
 class ClusterConfig:
     """Where Ray runs. address None: RAY_ADDRESS if set, else a local head started here."""
 
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None  # logical CPUs of a local head; None = Ray's count
+    address: Optional[str] = None  # a Ray cluster to join (ray://, host:port or auto); null = RAY_ADDRESS, else a local head
+    num_cpus: Optional[int] = None  # logical CPUs of a local head; null = Ray's count
     call_timeout_s: float = 600.0  # every remote call that can hang gets this timeout
     # ...except a new generator's first reply, which waits for its engine to be built and the
     # weights loaded (minutes for a 7B model on a cold node): a hang is told from a slow start.
@@ -552,16 +562,15 @@ class ClusterConfig:
         _positive(self, "call_timeout_s", "start_timeout_s", "nodes", "gpu_memory_gib")
         _check(self.max_role_restarts >= 0, "max_role_restarts", f"must be >= 0, got {self.max_role_restarts!r}")
         _check(bool(self.dashboard_host), "dashboard_host", "must be a host address, e.g. 127.0.0.1")
-        _check(self.local_auth in ("token", "ray_default"), "local_auth",
-               f"must be 'token' or 'ray_default', got {self.local_auth!r}")
+        _one_of(self, "local_auth", ("token", "ray_default"))
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     """Where a run writes its metrics, adapters and report."""
 
-    dir: str = "runs"
-    name: str = "default"
+    dir: str = "runs"  # runs are written to <dir>/<name>
+    name: str = "default"  # the run's directory name under output.dir
     save_every: int = 0  # also write <run>/adapter every N PPO steps (0 = only at the end)
     # Where every stage's figures go besides the jsonl files (always written): tensorboard
     # (<run>/tensorboard/<stage>), wandb and mlflow (`pip install 'rlhf-ray[trackers]'`).
@@ -621,12 +630,12 @@ class Config:
         # Every learner rank takes the same share of every minibatch and so the same number of
         # backward passes (DDP all-reduces on each optimizer step).
         lc, n = self.learner, self.rollout.samples_per_prompt
-        _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_size",
-               f"{lc.minibatch_size} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
+        _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
+               f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
-        _check(self.ppo.batch_size % lc.minibatch_size == 0, "ppo.batch_size",
-               f"{self.ppo.batch_size} prompts are not whole minibatches of learner.minibatch_size="
-               f"{lc.minibatch_size} prompts")
+        _check(self.ppo.prompts_per_step % lc.minibatch_prompts == 0, "ppo.prompts_per_step",
+               f"{self.ppo.prompts_per_step} prompts are not whole minibatches of learner.minibatch_prompts="
+               f"{lc.minibatch_prompts} prompts")
 
         from .algo.estimators import ESTIMATORS
 
@@ -645,9 +654,9 @@ class Config:
 
     @property
     def minibatch_rows(self) -> int:
-        """Samples per optimizer step over all learner workers: learner.minibatch_size prompts,
+        """Samples per optimizer step over all learner workers: learner.minibatch_prompts prompts,
         each with its rollout.samples_per_prompt samples."""
-        return self.learner.minibatch_size * self.rollout.samples_per_prompt
+        return self.learner.minibatch_prompts * self.rollout.samples_per_prompt
 
     @property
     def loss_agg(self) -> str:
@@ -754,6 +763,53 @@ def _check_value(v: Any, where: str, key: str, in_list: bool = False) -> None:
                           "give a value or leave the key out")
 
 
+# Keys renamed to say what they count or hold; the old names still load, with one warning each.
+RENAMED_KEYS = {
+    "rollout.num_actors": "rollout.num_engines",  # they are vLLM engines, not "the actor" (the policy) of OpenRLHF/verl
+    "ppo.batch_size": "ppo.prompts_per_step",  # prompts, not samples: each brings rollout.samples_per_prompt
+    "learner.minibatch_size": "learner.minibatch_prompts",  # prompts over all workers, not rows per worker
+}
+RENAMED_VALUES = {"reference.mode": {"actor": "separate"}}
+_warned: set[str] = set()
+
+
+def _renamed(old: str, new: str) -> None:
+    if old not in _warned:
+        _warned.add(old)
+        import logging
+
+        logging.getLogger("rlhf_ray.config").warning("%s is now called %s; the old name still works", old, new)
+
+
+def _new_name(body: dict, section: str, key: str, where: str) -> tuple[str, Any]:
+    """(key, value) with a renamed key or value replaced by its new name in ``body``."""
+    old = f"{section}.{key}"
+    if old in RENAMED_KEYS:
+        new = RENAMED_KEYS[old].split(".", 1)[1]
+        if new in body:
+            raise ConfigError(f"{where}: {old} and {section}.{new} are both given; {old} is the old name of "
+                              f"{section}.{new}: keep one")
+        _renamed(old, RENAMED_KEYS[old])
+        body[new] = body.pop(key)
+        key = new
+    value = body[key]
+    values = RENAMED_VALUES.get(f"{section}.{key}", {})
+    if isinstance(value, str) and value in values:
+        _renamed(f"{section}.{key}={value}", f"{section}.{key}={values[value]}")
+        value = body[key] = values[value]
+    return key, value
+
+
+def _unknown_hint(section: str, key: str, known: list[str], sections: dict[str, type]) -> str:
+    """A close key of the section, else the section(s) where a key of that name lives."""
+    hint = _did_you_mean(key, known)
+    if hint:
+        return hint
+    elsewhere = [f"{s}.{key}" for s, cls in sections.items()
+                 if s != section and key in {f.name for f in dataclasses.fields(cls)}]
+    return f" (it is {' or '.join(elsewhere)})" if elsewhere else ""
+
+
 def _check_layer(raw: Any, where: str, *, null_sections: bool) -> dict:
     """``raw`` (a parsed YAML file or override) checked against the sections' shapes; with
     ``null_sections`` a section given as null is left out (its keys all commented out)."""
@@ -763,7 +819,8 @@ def _check_layer(raw: Any, where: str, *, null_sections: bool) -> dict:
     for name, body in raw.items():
         _check_name(name, where, "")
         if name not in sections:
-            raise ConfigError(f"{where}: {name}: unknown section; the sections are {', '.join(sections)}")
+            raise ConfigError(f"{where}: {name}: unknown section{_did_you_mean(name, sections)}; "
+                              f"the sections are {', '.join(sections)}")
         if body is None and null_sections:
             continue
         known = [f.name for f in dataclasses.fields(sections[name])]
@@ -771,11 +828,13 @@ def _check_layer(raw: Any, where: str, *, null_sections: bool) -> dict:
             raise ConfigError(f"{where}: {name}: must be a mapping of {name}'s keys ({', '.join(known)}), "
                               f"got {_kind(body)}")
         lists = _list_keys(sections[name])
-        for key, value in body.items():
+        for key in list(body):
             _check_name(key, where, f"{name}.")
+            key, value = _new_name(body, name, key, where)
             dotted = f"{name}.{key}"
             if key not in known:
-                raise ConfigError(f"{where}: {dotted}: unknown key; {name} has {', '.join(known)}")
+                raise ConfigError(f"{where}: {dotted}: unknown key{_unknown_hint(name, key, known, sections)}; "
+                                  f"{name} has {', '.join(known)}")
             item_type = _record_item(sections[name], key)
             if item_type is not None and isinstance(value, list):
                 body[key] = [_check_record(item, item_type, where, f"{dotted}[{i}]") for i, item in enumerate(value)]
@@ -889,6 +948,9 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     for ov in overrides:
         where = f"{source}: override {ov!r}"
         if not isinstance(ov, str) or "=" not in ov:
+            key = str(ov).strip().lstrip("-")
+            if isinstance(ov, str) and key.split(".")[0] in _sections():
+                raise ConfigError(f"{where}: give the value after '=' in one word: {key}=VALUE")
             raise ConfigError(f"{where}: expected key.sub=value")
         key = ov.split("=", 1)[0].strip()
         if not all(key.split(".")):

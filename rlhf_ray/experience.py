@@ -66,7 +66,7 @@ class ExperienceMaker:
     def old_and_reference(self, batch: TokenBatch) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float]:
         """(policy log-probs, values or None, reference log-probs, compute seconds of the slowest
         rank) of a batch, from the learner ranks (and the reference actor in
-        ``reference.mode=actor``). Rows are padded by repetition to a multiple of the learner's
+        ``reference.mode=separate``). Rows are padded by repetition to a multiple of the learner's
         world size, and cut again."""
         import ray
 

@@ -60,9 +60,9 @@ class RolloutFleet:
         self._building: list[tuple[str, Any]] = []  # launched, not attached yet
 
     def launch(self) -> None:
-        """Spawn ``rollout.num_actors`` engines without waiting: they build (in parallel) while
+        """Spawn ``rollout.num_engines`` engines without waiting: they build (in parallel) while
         the rest of start-up goes on, since an engine is its slowest part."""
-        self._building += [self._spawn() for _ in range(self.cfg.rollout.num_actors - len(self._building))]
+        self._building += [self._spawn() for _ in range(self.cfg.rollout.num_engines - len(self._building))]
 
     def start(self, adapter_ref) -> None:
         """Attach the launched engines (launching them first if :meth:`launch` was not called)."""

@@ -3,6 +3,7 @@ roles with their resources, calling them with timeouts, and the learner group.""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue as _queue
 import socket
@@ -117,11 +118,11 @@ def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:
         if each > 0:
             asks[resource].append((what + (f" x {count}" if count > 1 else ""), each * count))
 
-    add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_actors)
-    add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_actors)
+    add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_engines)
+    add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_engines)
     add("CPU", f"reward.num_cpus={cfg.reward.num_cpus:g}", cfg.reward.num_cpus, cfg.reward.num_actors)
     add("GPU", f"reward.num_gpus={cfg.reward.num_gpus:g}", cfg.reward.num_gpus, cfg.reward.num_actors)
-    if cfg.reference.mode == "actor":
+    if cfg.reference.mode == "separate":
         add("CPU", f"reference.num_cpus={cfg.reference.num_cpus:g}", cfg.reference.num_cpus)
         add("GPU", f"reference.num_gpus={cfg.reference.num_gpus:g}", cfg.reference.num_gpus)
     add("CPU", f"learner.num_cpus_per_worker={lc.num_cpus_per_worker:g}", lc.num_cpus_per_worker, lc.num_workers)
@@ -142,6 +143,34 @@ def stage_requests(stage: str, sc: Any) -> dict[str, list[tuple[str, float]]]:
     return asks
 
 
+def shortfalls(requests: dict[str, list[tuple[str, float]]], have: dict[str, float], free: dict[str, float], *,
+               rehearse: bool = False) -> tuple[list[str], list[str]]:
+    """(resources the cluster lacks, each with its fix; resources only busy now) for the roles'
+    ``requests`` against the cluster's totals ``have`` and what is ``free``."""
+    problems, waits = [], []
+    for resource, asks in requests.items():
+        need = sum(n for _, n in asks)
+        if need <= 0:
+            continue
+        detail = ", ".join(what for what, _ in asks)
+        if need > have.get(resource, 0.0) + 1e-9:
+            unit = "GPUs" if resource == "GPU" else "logical CPUs"
+            if resource == "GPU" and rehearse:
+                # A rehearsal keeps every GPU request: zeroing them would rehearse another layout.
+                fix = (f"a rehearsal keeps the GPU requests: start a head that declares logical GPUs (ray start "
+                       f"--head --num-gpus {math.ceil(need)}) and point cluster.address (or RAY_ADDRESS) at it")
+            elif resource == "GPU":
+                fix = "set those keys to 0/false to run on CPU, or join a cluster with GPUs"
+            else:
+                fix = ("lower those keys, or give the head more logical CPUs (ray start --num-cpus N; they are "
+                       "bookkeeping, cluster.num_cpus for a local head)")
+            problems.append(f"the run asks for {need:g} {unit} ({detail}) but the Ray cluster has "
+                            f"{have.get(resource, 0.0):g}; {fix}")
+        elif need > free.get(resource, 0.0) + 1e-9:
+            waits.append(f"{need:g} {resource} asked, {free.get(resource, 0.0):g} free now (other jobs hold the rest)")
+    return problems, waits
+
+
 def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]] = None) -> None:
     """Before any actor starts: the CPUs and GPUs the roles (or ``requests``, a stage's) ask
     for, against what the cluster has. Ray would otherwise leave an actor pending until
@@ -152,22 +181,8 @@ def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]
     """
     import ray
 
-    have, free = ray.cluster_resources(), ray.available_resources()
-    problems, waits = [], []
-    for resource, asks in (requests or resource_requests(cfg)).items():
-        need = sum(n for _, n in asks)
-        if need <= 0:
-            continue
-        detail = ", ".join(what for what, _ in asks)
-        if need > have.get(resource, 0.0) + 1e-9:
-            unit = "GPUs" if resource == "GPU" else "logical CPUs"
-            fix = ("set those keys to 0/false to run on CPU, or join a cluster with GPUs" if resource == "GPU" else
-                   "lower those keys, or give the head more logical CPUs (ray start --num-cpus N; they are "
-                   "bookkeeping, cluster.num_cpus for a local head)")
-            problems.append(f"the run asks for {need:g} {unit} ({detail}) but the Ray cluster has "
-                            f"{have.get(resource, 0.0):g}; {fix}")
-        elif need > free.get(resource, 0.0) + 1e-9:
-            waits.append(f"{need:g} {resource} asked, {free.get(resource, 0.0):g} free now (other jobs hold the rest)")
+    problems, waits = shortfalls(requests or resource_requests(cfg), ray.cluster_resources(),
+                                 ray.available_resources(), rehearse=cfg.cluster.rehearse)
     if problems:
         raise ValueError("; ".join(problems))
     if waits:
@@ -181,11 +196,11 @@ def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:
     CPU-only role. Returns (bundles, bundle index of each role); a role asking for nothing has
     no bundle. The learner's Ray Train workers are laid out by Ray Train (one GPU each, PACK)."""
     r = cfg.rollout
-    roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_actors)]
+    roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_engines)]
     k = cfg.reward.num_actors
     roles += [(name, cfg.reward.num_gpus, cfg.reward.num_cpus)
               for name in (["reward"] if k == 1 else [f"reward-{i}" for i in range(k)])]
-    if cfg.reference.mode == "actor":
+    if cfg.reference.mode == "separate":
         roles.append(("reference", cfg.reference.num_gpus, cfg.reference.num_cpus))
     bundles: list[dict[str, float]] = []
     index: dict[str, int] = {}

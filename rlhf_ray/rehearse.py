@@ -53,9 +53,9 @@ def rehearsal_config(cfg: Config) -> Config:
         rollout=r(cfg.rollout, max_new_tokens=min(cfg.rollout.max_new_tokens, NEW_TOKENS), max_model_len=None,
                   kv_cache_mib=KV_CACHE_MIB, gpu_memory_utilization=None, enforce_eager=None),
         reward=r(cfg.reward, path=None, batch_size=min(cfg.reward.batch_size, 8)),
-        learner=r(lc, minibatch_size=rows, micro_batch_size=min(lc.micro_batch_size, ROWS_PER_WORKER), epochs=1,
+        learner=r(lc, minibatch_prompts=rows, micro_batch_size=min(lc.micro_batch_size, ROWS_PER_WORKER), epochs=1,
                   logprob_chunk_tokens=min(lc.logprob_chunk_tokens, 8)),
-        ppo=r(cfg.ppo, steps=min(cfg.ppo.steps, STEPS), batch_size=rows),  # x n samples: a multiple of rows
+        ppo=r(cfg.ppo, steps=min(cfg.ppo.steps, STEPS), prompts_per_step=rows),  # x n samples: a multiple of rows
         eval=r(cfg.eval, num_prompts=min(cfg.eval.num_prompts, 8), samples_per_prompt=1, prompts_path=None),
         cluster=r(cfg.cluster, rehearse=True, call_timeout_s=min(cfg.cluster.call_timeout_s, 900.0)),
         output=r(cfg.output, name=f"{cfg.output.name}_rehearsal"),
@@ -65,7 +65,7 @@ def rehearsal_config(cfg: Config) -> Config:
 def describe(cfg: Config) -> str:
     """One line: what the rehearsal keeps, for the CLI to print before it starts."""
     r, lc = cfg.rollout, cfg.learner
-    return (f"rehearsal: {r.num_actors} rollout engines x {r.num_gpus:g} GPU, reward {cfg.reward.num_gpus:g} GPU, "
+    return (f"rehearsal: {r.num_engines} rollout engines x {r.num_gpus:g} GPU, reward {cfg.reward.num_gpus:g} GPU, "
             f"{lc.num_workers} learner workers{' x 1 GPU' if lc.use_gpu else ''}, sft {cfg.sft.num_workers} / "
             f"rm {cfg.rm.num_workers} workers{' x 1 GPU' if cfg.sft.use_gpu or cfg.rm.use_gpu else ''}; "
             f"tiny {Path(cfg.model.path).name} model, devices forced to CPU, {cfg.ppo.steps} PPO steps; "

@@ -175,7 +175,7 @@ class PPOTrainer:
                 self.reward = self.rewards[0][1]
                 self._roles += self.rewards
                 self.reference = None
-                if cfg.reference.mode == "actor":
+                if cfg.reference.mode == "separate":
                     self.reference = spawn(ReferencePolicy, cfg, self.model_path, num_cpus=cfg.reference.num_cpus,
                                            num_gpus=cfg.reference.num_gpus,
                                            placement=self.placement.options("reference"), restarts=restarts)
@@ -279,7 +279,7 @@ class PPOTrainer:
     # -- one step --------------------------------------------------------------------
     def _next_prompts(self) -> list[int]:
         out = []
-        while len(out) < self.cfg.ppo.batch_size:
+        while len(out) < self.cfg.ppo.prompts_per_step:
             if not self._order:
                 self._order = list(range(len(self.prompt_ids)))
                 self._rng.shuffle(self._order)

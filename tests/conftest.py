@@ -98,7 +98,7 @@ def make_cfg(ray_head, tiny_cfg, tiny_model_dir, untrained_rm, tmp_path_factory)
         out = tmp_path_factory.mktemp("out")
         return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
             f"model.tiny_dir={tiny_cfg.model.tiny_dir}", f"output.dir={out}", "ppo.base=model",
-            f"reward.path={untrained_rm}", "ppo.batch_size=8", "learner.minibatch_size=4",
+            f"reward.path={untrained_rm}", "ppo.prompts_per_step=8", "learner.minibatch_prompts=4",
             "eval.num_prompts=4", *overrides])
     return make
 
@@ -132,7 +132,7 @@ def shared_trainer(make_cfg):
     later module (the two-node rehearsal 143 s -> 320 s, and 120 s to stop at the end)."""
     from rlhf_ray.trainer import PPOTrainer
 
-    cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=1", "reference.mode=actor",
+    cfg = make_cfg("rollout.num_engines=2", "learner.num_workers=1", "reference.mode=separate",
                    "rollout.max_staleness=0", "checkpoint.keep=100", "output.name=shared")
     tr = PPOTrainer(cfg, progress=False)
     try:

@@ -14,7 +14,7 @@ from rlhf_ray.trainer import PPOTrainer, _own
 
 pytestmark = pytest.mark.integration
 
-BASE = ("rollout.num_actors=2", "learner.num_workers=1")
+BASE = ("rollout.num_engines=2", "learner.num_workers=1")
 
 
 def _adapter(tr) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ def test_step_benchmarks_measure_the_shared_trainer(name, fresh_trainer, tmp_pat
 @pytest.mark.parametrize("name", sorted(set(TINY_ARGS) - set(ON_THE_SHARED_TRAINER) - {"rollout"}))
 def test_benchmark_writes_its_json(name, tmp_path, tiny_model_dir, capsys):
     doc = _in_process(name, tmp_path, f"model.path={tiny_model_dir}", f"output.dir={tmp_path}",
-                      "ppo.batch_size=8", "learner.minibatch_size=4")
+                      "ppo.prompts_per_step=8", "learner.minibatch_prompts=4")
     assert doc["table"] in capsys.readouterr().out
     assert doc["config"]["model"]["path"] == tiny_model_dir
     _check(name, doc)
@@ -119,7 +119,7 @@ def test_presets_grid_runs_a_cell_layered_over_the_base(tmp_path, sft_model_dir,
     assert 0.0 <= cell["judge_before"] <= 1.0 and cell["kl_after"] >= 0.0 and cell["stopped"] is None
     run = tmp_path / "runs" / "presets" / "grpo_n4_s1_seed1"
     used = load_config(run / "config.yaml")
-    assert (used.ppo.estimator, used.rollout.max_staleness, used.tis_cap, used.ppo.batch_size) == ("grpo", 1, 2.0, 8)
+    assert (used.ppo.estimator, used.rollout.max_staleness, used.tis_cap, used.ppo.prompts_per_step) == ("grpo", 1, 2.0, 8)
     assert doc["results"]["targets"]["grpo/n4/s1/seed1"]["met"] is False  # 2 steps do not gain 25 points
     assert "grpo" in capsys.readouterr().out
 

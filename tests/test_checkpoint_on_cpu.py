@@ -18,7 +18,7 @@ from rlhf_ray.trainer import BadSteps, NumericError
 def _updated_core(cfg, model_dir, seed=0):
     from transformers import AutoConfig
 
-    cfg, core = _core(cfg, model_dir, minibatch_size=2, micro_batch_size=1)
+    cfg, core = _core(cfg, model_dir, minibatch_prompts=2, micro_batch_size=1)
     b = _batch(4, 6, 10, AutoConfig.from_pretrained(model_dir).vocab_size)
     ev = core.evaluate(b)
     b.old_logprobs, b.old_values = ev["old_logprobs"], ev["old_values"]

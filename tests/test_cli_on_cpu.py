@@ -63,3 +63,51 @@ def test_configs_layer_and_the_default_is_the_embedded_run(tmp_path):
     preset.write_text("ppo:\n  stepz: 7\n")
     r = rlhf_ray("config", "--config", TINY, "--config", str(preset))
     assert r.returncode == 2 and f"{preset}: ppo.stepz: unknown key" in r.stderr
+
+
+def test_dashed_overrides_are_accepted_and_a_key_without_value_is_answered():
+    r = rlhf_ray("config", "--config", TINY, "--ppo.clip_eps=0.15", "--ppo.kl_coef", "0.2")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert (cfg["ppo"]["clip_eps"], cfg["ppo"]["kl_coef"]) == (0.15, 0.2)
+    bare = rlhf_ray("config", "--config", TINY, "--ppo.clip_eps")
+    assert bare.returncode == 2 and "a config key needs a value: ppo.clip_eps=VALUE" in bare.stderr
+    spaced = rlhf_ray("config", "--config", TINY, "ppo.clip_eps", "0.1")
+    assert spaced.returncode == 2 and "ppo.clip_eps=VALUE" in spaced.stderr
+
+
+def test_config_explain_prints_the_reference():
+    r = rlhf_ray("config", "--explain", "learner")
+    assert r.returncode == 0, r.stderr
+    assert "learner.minibatch_prompts = 16  (int)" in r.stdout and "ppo." not in r.stdout.split("\n")[1]
+    bad = rlhf_ray("config", "--explain", "lerner")
+    assert bad.returncode == 2 and "did you mean 'learner'?" in bad.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_a_log_with_the_traceback(monkeypatch, capsys, tmp_path):
+    from rlhf_ray import cli
+
+    def boom(cfg, args):
+        raise RuntimeError("the thing broke\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "config", (boom, "x"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RLHF_RAY_TRACEBACK", raising=False)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    assert cli.main(["config", "--config", TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rlhf-ray: unexpected error: RuntimeError: the thing broke (the traceback is in ")
+    log = Path(err[0].split("the traceback is in ")[1].split(";")[0])
+    assert log.parent == tmp_path and "Traceback" in log.read_text() and "second line" in log.read_text()
+
+
+def test_a_rehearsal_short_of_gpus_is_told_to_declare_them_not_to_drop_them():
+    from rlhf_ray.launch import shortfalls
+
+    asks = {"GPU": [("rollout.num_gpus=1 x 3", 3.0), ("learner.use_gpu=true x 4", 4.0)]}
+    problems, _ = shortfalls(asks, {"GPU": 0.0}, {"GPU": 0.0}, rehearse=True)
+    assert "ray start --head --num-gpus 7" in problems[0] and "0/false" not in problems[0]
+    problems, _ = shortfalls(asks, {"GPU": 0.0}, {"GPU": 0.0}, rehearse=False)
+    assert "set those keys to 0/false" in problems[0]

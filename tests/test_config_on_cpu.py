@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.config import Config, ConfigError, dump_config, load_config
+from rlhf_ray import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -41,7 +42,7 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("ppo.lam=-0.01", "ppo.lam"),
     ("learner.lr=0", "learner.lr"),
     ("lora.rank=0", "lora.rank"),
-    ("rollout.num_actors=0", "rollout.num_actors"),
+    ("rollout.num_engines=0", "rollout.num_engines"),
     ("learner.num_workers=0", "learner.num_workers"),
     ("ppo.kl_estimator=k7", "ppo.kl_estimator"),
     ("reference.mode=copy", "reference.mode"),
@@ -54,8 +55,8 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("ppo.truncated=drop", "ppo.truncated"),
     ("ppo.estimator=magic", "ppo.estimator"),
     ("learner.micro_batch_size=0", "learner.micro_batch_size"),
-    ("learner.minibatch_size=3", "learner.minibatch_size"),  # not divisible by 2 workers
-    ("learner.minibatch_size=12", "ppo.batch_size"),  # 32 rows are not whole minibatches of 12
+    ("learner.minibatch_prompts=3", "learner.minibatch_prompts"),  # not divisible by 2 workers
+    ("learner.minibatch_prompts=12", "ppo.prompts_per_step"),  # 32 rows are not whole minibatches of 12
     ("output.save_every=-1", "output.save_every"),
     ("reward.rule=nosuch", "reward.rule"),
     ("ppo.estimator=grpo", "rollout.samples_per_prompt"),  # one sample per prompt: no group to compare
@@ -115,7 +116,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
     with pytest.raises(ConfigError, match="expected key.sub=value"):
-        load_config(TINY, ["ppo.clip_eps"])
+        load_config(TINY, ["clip_eps"])
 
 
 @pytest.mark.parametrize("text,message", [
@@ -195,17 +196,17 @@ def test_off_policy_correction_is_on_by_itself_for_asynchronous_runs():
 def test_a_minibatch_is_prompts_so_the_group_size_does_not_multiply_the_update():
     one = load_config(TINY, [])
     four = load_config(TINY, ["ppo.estimator=grpo", "rollout.samples_per_prompt=4"])
-    steps = [c.learner.epochs * c.ppo.batch_size // c.learner.minibatch_size for c in (one, four)]
+    steps = [c.learner.epochs * c.ppo.prompts_per_step // c.learner.minibatch_prompts for c in (one, four)]
     assert steps[0] == steps[1] == 4 and (one.minibatch_rows, four.minibatch_rows) == (16, 64)
-    with pytest.raises(ConfigError, match="learner.minibatch_size: 3 prompts x rollout.samples_per_prompt=1"):
-        load_config(TINY, ["learner.minibatch_size=3", "ppo.batch_size=30"])
-    load_config(TINY, ["learner.minibatch_size=3", "ppo.batch_size=30", "rollout.samples_per_prompt=2"])
+    with pytest.raises(ConfigError, match="learner.minibatch_prompts: 3 prompts x rollout.samples_per_prompt=1"):
+        load_config(TINY, ["learner.minibatch_prompts=3", "ppo.prompts_per_step=30"])
+    load_config(TINY, ["learner.minibatch_prompts=3", "ppo.prompts_per_step=30", "rollout.samples_per_prompt=2"])
 
 
 def test_loss_aggregation_follows_the_estimator_unless_set():
-    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8", "learner.minibatch_size=4"])
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.prompts_per_step=8", "learner.minibatch_prompts=4"])
     assert cfg.loss_agg == "seq_mean_token_sum_norm"
-    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.batch_size=8", "learner.minibatch_size=4",
+    cfg = load_config(TINY, ["ppo.estimator=dr_grpo", "rollout.samples_per_prompt=4", "ppo.prompts_per_step=8", "learner.minibatch_prompts=4",
                              "ppo.loss_agg=token_mean"])
     assert cfg.loss_agg == "token_mean"
     assert load_config(TINY, []).loss_agg == "token_mean"
@@ -222,3 +223,43 @@ def test_allocator_preload_follows_the_config_and_the_machine(monkeypatch):
     assert engine.allocator_env(load_config(TINY)) == {}
     with pytest.raises(ValueError, match="rollout.allocator=tcmalloc.*libtcmalloc-minimal4"):
         engine.allocator_env(load_config(TINY, ["rollout.allocator=tcmalloc"]))
+
+
+@pytest.mark.parametrize("old,new,value,read", [
+    ("rollout.num_actors", "rollout.num_engines", "3", lambda c: c.rollout.num_engines == 3),
+    ("ppo.batch_size", "ppo.prompts_per_step", "16", lambda c: c.ppo.prompts_per_step == 16),
+    ("learner.minibatch_size", "learner.minibatch_prompts", "8", lambda c: c.learner.minibatch_prompts == 8),
+])
+def test_a_renamed_key_still_loads_and_warns_once(old, new, value, read, caplog, monkeypatch, tmp_path):
+    monkeypatch.setattr(C, "_warned", set())
+    with caplog.at_level("WARNING", logger="rlhf_ray.config"):
+        assert read(load_config(TINY, [f"{old}={value}"]))
+        assert read(load_config(TINY, [f"{old}={value}"]))
+    said = [r.getMessage() for r in caplog.records if old in r.getMessage()]
+    assert said == [f"{old} is now called {new}; the old name still works"]
+    section, key = old.split(".")
+    both = tmp_path / "both.yaml"
+    both.write_text(f"{section}:\n  {key}: {value}\n  {new.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{old} and {new} are both given"):
+        load_config(both)
+
+
+def test_the_renamed_reference_mode_still_loads(caplog, monkeypatch):
+    monkeypatch.setattr(C, "_warned", set())
+    with caplog.at_level("WARNING", logger="rlhf_ray.config"):
+        assert load_config(TINY, ["reference.mode=actor"]).reference.mode == "separate"
+    assert any("reference.mode=actor is now called reference.mode=separate" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("override,says", [
+    ("ppo.clip_epss=0.1", "ppo.clip_epss: unknown key (did you mean 'clip_eps'?)"),
+    ("ppo.lr=0.1", "ppo.lr: unknown key (it is sft.lr or rm.lr or learner.lr)"),
+    ("ppoo.steps=1", "ppoo: unknown section (did you mean 'ppo'?)"),
+    ("ppo.estimator=grop", "got 'grop' (did you mean 'grpo'?)"),
+    ("reference.mode=seperate", "got 'seperate' (did you mean 'separate'?)"),
+    ("ppo.clip_eps", "give the value after '=' in one word: ppo.clip_eps=VALUE"),
+])
+def test_errors_suggest_the_name_meant(override, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert says in str(e.value)

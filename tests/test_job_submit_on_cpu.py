@@ -136,7 +136,7 @@ def test_ray_job_submit_runs_the_whole_pipeline(ray_head, tmp_path, tiny_model_d
     logs = _submit(ray_head, ROOT, "run", "--config", "configs/tiny_cpu.yaml",
                    f"model.path={tiny_model_dir}", f"output.dir={out}", "output.name=job",
                    "sft.num_examples=200", "sft.epochs=1", "rm.num_pairs=64", "rm.epochs=1", "eval.num_prompts=4",
-                   "ppo.steps=2", "ppo.batch_size=8", "learner.minibatch_size=4")
+                   "ppo.steps=2", "ppo.prompts_per_step=8", "learner.minibatch_prompts=4")
     run = out / "job"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generated_with_version"] for r in records] == [[0], [1]]
@@ -208,7 +208,7 @@ def test_a_users_own_task_from_another_directory(ray_head, tmp_path):
                    f"model.tiny_dir={tmp_path / 'tiny_math'}", f"output.dir={out}", "output.name=mine",
                    "sft.data_path=qa.jsonl", "data.prompts_path=qa.jsonl", "eval.prompts_path=qa_test.jsonl",
                    "reward.functions=[{path: check_answer.py:score, name: correct}]",
-                   "sft.epochs=1", "ppo.steps=3", "ppo.batch_size=4", "learner.minibatch_size=2",
+                   "sft.epochs=1", "ppo.steps=3", "ppo.prompts_per_step=4", "learner.minibatch_prompts=2",
                    "rollout.max_staleness=1", "ppo.tis_cap=2.0")
     run = out / "mine"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ LENGTHS = [7, 1, None, 2, 11, 5, None, 1, 9, 3]
 
 def _cfg(model_dir, tmp_path, *overrides):
     return load_config(ROOT / "configs" / "tiny_cpu.yaml", [
-        f"model.path={model_dir}", f"output.dir={tmp_path}", "learner.epochs=1", "learner.minibatch_size=5", "ppo.batch_size=5", "rollout.samples_per_prompt=2",
+        f"model.path={model_dir}", f"output.dir={tmp_path}", "learner.epochs=1", "learner.minibatch_prompts=5", "ppo.prompts_per_step=5", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=12", "learner.max_grad_norm=1000", *overrides])
 
 

@@ -184,7 +184,7 @@ def test_suggested_split_is_the_argmax_of_the_table(llama2):
     assert (top.generators, top.learners) == (3, 4)
     # A configured 5/2 is rated, marked, and the better split suggested with its gain.
     other = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml",
-                        [f"model.path={cfg.model.path}", "rollout.num_actors=5", "learner.num_workers=2"])
+                        [f"model.path={cfg.model.path}", "rollout.num_engines=5", "learner.num_workers=2"])
     text = render_splits(_splits(other, shape), (5, 2))
     mine = next(e for e in rows if (e.generators, e.learners) == (5, 2))
     gain = top.samples_per_s / mine.samples_per_s - 1

@@ -25,7 +25,7 @@ def trainer(make_cfg, sft_model_dir):
     # that writes the task's text; temperature 0.7 with top_p 0.9, so the learner must model a
     # truncated, tempered distribution.
     cfg = make_cfg(f"model.path={sft_model_dir}", "reward.rule=sentiment", "rollout.samples_per_prompt=2",
-                   "learner.minibatch_size=2", "rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.max_new_tokens=16", "ppo.truncated=score",
+                   "learner.minibatch_prompts=2", "rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.max_new_tokens=16", "ppo.truncated=score",
                    "ppo.kl_coef=0.01", "ppo.kl_target=null", "learner.lr=0.01", "learner.micro_batch_size=2",
                    "output.save_every=4", "output.name=learning")
     tr = PPOTrainer(cfg, progress=False)
@@ -127,7 +127,7 @@ def test_two_ddp_workers_make_the_one_process_gradient(trainer, make_cfg):
     steps: 3e-5 on one machine, 2.7e-3 on another, with the gradients equal to ~1e-6 on both).
     The gradient's tolerance is the one test_learner_layouts_on_cpu.py justifies."""
     batch = _ragged_batch(trainer)
-    options = ("learner.lr=0.05", "learner.epochs=1", "learner.minibatch_size=4", "learner.micro_batch_size=1",
+    options = ("learner.lr=0.05", "learner.epochs=1", "learner.minibatch_prompts=4", "learner.micro_batch_size=1",
                "ppo.estimator=grpo", "rollout.samples_per_prompt=2", "ppo.kl_in=loss", "ppo.kl_estimator=k3",
                "ppo.loss_agg=seq_mean_token_mean", "ppo.ratio_level=sequence", "ppo.clip_eps_high=0.28")
     group = LearnerGroup(make_cfg(*options, "learner.num_workers=2"), trainer.model_path,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def trainer(make_cfg):
     # A large learning rate makes consecutive adapter versions clearly different, so a
     # generator serving a stale version could not hide inside the log-prob tolerance.
-    cfg = make_cfg("rollout.num_actors=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2",
+    cfg = make_cfg("rollout.num_engines=2", "learner.num_workers=2", "learner.lr=0.02", "learner.epochs=2",
                    "checkpoint.every=2", "checkpoint.keep=100", "cluster.max_role_restarts=2")
     tr = PPOTrainer(cfg, progress=False)
     yield tr

@@ -1,4 +1,4 @@
-"""reference.mode=actor: the frozen base in its own Ray actor gives the same reference
+"""reference.mode=separate: the frozen base in its own Ray actor gives the same reference
 log-probs as the learner's base with the adapter disabled, and a crashed one is restarted.
 On the session's shared trainer (conftest.py), which runs its reference in an actor."""
 import pytest
@@ -9,7 +9,7 @@ pytestmark = pytest.mark.integration
 
 def test_reference_actor_matches_policy_before_any_update(fresh_trainer):
     tr = fresh_trainer
-    assert tr.cfg.reference.mode == "actor" and tr.reference is not None
+    assert tr.cfg.reference.mode == "separate" and tr.reference is not None
     r0, r1 = tr.run(steps=2)
     # A crash: Ray starts the actor again (cluster.max_role_restarts) and the call is retried.
     ray.kill(tr.reference, no_restart=False)

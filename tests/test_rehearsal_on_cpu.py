@@ -82,7 +82,7 @@ def test_role_bundles_one_per_gpu_fractional_roles_share_a_card():
     # Half-card engines pair up; the reward model's half joins the odd one out; a reference
     # actor without a GPU gets a CPU bundle of its own.
     cfg = load_config(ROOT / "configs/llama2_7b_lora_8x3090.yaml", [
-        "rollout.num_gpus=0.5", "reward.num_gpus=0.5", "reference.mode=actor", "reference.num_gpus=0"])
+        "rollout.num_gpus=0.5", "reward.num_gpus=0.5", "reference.mode=separate", "reference.num_gpus=0"])
     bundles, index = role_bundles(cfg)
     assert bundles == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 0.75}, {"CPU": 0.25}]
     assert index == {"rollout-0": 0, "rollout-1": 0, "rollout-2": 1, "reward": 1, "reference": 2}

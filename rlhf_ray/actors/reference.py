@@ -1,4 +1,4 @@
-"""Reference-policy role (reference.mode=actor): the frozen base model in its own process.
+"""Reference-policy role (reference.mode=separate): the frozen base model in its own process.
 
 With reference.mode=shared_base the learner computes the same log-probs from its own base
 with the adapter disabled, and no second copy of the model exists.

@@ -84,7 +84,7 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
     gparts = {"weights": weights, "kv_cache": kv, "lora": lora_slots,
               "engine_reserve": ENGINE_RESERVE_BYTES if r.num_gpus > 0 else 0,
               "cuda_context": CUDA_CONTEXT_BYTES if r.num_gpus > 0 else 0}
-    for i in range(r.num_actors):
+    for i in range(r.num_engines):
         out.append(ActorPlan(f"rollout-{i}", "rollout", r.num_gpus, sum(gparts.values()), gparts,
                              f"KV cache holds {seqs:.1f} sequences of {max_len} tokens"))
     rparts = {"weights": rm_shape.total_params * b,
@@ -92,7 +92,7 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
               "cuda_context": CUDA_CONTEXT_BYTES if cfg.reward.num_gpus > 0 else 0}
     out.append(ActorPlan("reward", "reward", cfg.reward.num_gpus, sum(rparts.values()), rparts,
                          "weights as a causal LM (a score head is smaller); inference working set is a rough bound"))
-    if cfg.reference.mode == "actor":
+    if cfg.reference.mode == "separate":
         fparts = {"weights": weights, "logits": lb.logits,
                   "cuda_context": CUDA_CONTEXT_BYTES if cfg.reference.num_gpus > 0 else 0}
         out.append(ActorPlan("reference", "reference", cfg.reference.num_gpus, sum(fparts.values()), fparts))

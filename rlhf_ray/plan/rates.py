@@ -9,7 +9,7 @@ waiting for the one before (the synchronous loop), so
 
     step time = generate + reward + learner + publish,   samples/s = rows / step time
 
-with rows = ppo.batch_size x rollout.samples_per_prompt. Every prompt is taken to be
+with rows = ppo.prompts_per_step x rollout.samples_per_prompt. Every prompt is taken to be
 ``data.max_prompt_tokens`` long and every response to run to ``rollout.max_new_tokens``
 (upper bounds: shorter ones only make the step faster). A forward pass over T tokens costs
 2 x params x T FLOPs; counting every parameter (the input embedding is a lookup, not a matmul)
@@ -191,10 +191,10 @@ def estimate_step(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gener
     r, lc = cfg.rollout, cfg.learner
     prompt_tokens, new_tokens = cfg.data.max_prompt_tokens, r.max_new_tokens
     tokens = prompt_tokens + new_tokens
-    rows = cfg.ppo.batch_size * r.samples_per_prompt
+    rows = cfg.ppo.prompts_per_step * r.samples_per_prompt
     weights = shape.total_params * DTYPE_BYTES[cfg.model.dtype]
     kv = shape.kv_bytes_per_token(DTYPE_BYTES[cfg.model.dtype])
-    prompts = math.ceil(cfg.ppo.batch_size / generators)  # dealt round-robin: the busiest engine sets the pace
+    prompts = math.ceil(cfg.ppo.prompts_per_step / generators)  # dealt round-robin: the busiest engine sets the pace
     gen = generate_s(params=shape.total_params, weight_bytes=weights, kv_bytes_per_token=kv, prompts=prompts,
                      samples_per_prompt=r.samples_per_prompt, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                      kv_sequences=kv_sequences, a=a)
@@ -215,8 +215,8 @@ def estimate_step(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gener
 
 
 def with_split(cfg: Config, generators: int, learners: int) -> Config:
-    """``cfg`` with rollout.num_actors and learner.num_workers replaced (validated again)."""
-    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, num_actors=generators),
+    """``cfg`` with rollout.num_engines and learner.num_workers replaced (validated again)."""
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, num_engines=generators),
                                learner=dataclasses.replace(cfg.learner, num_workers=learners))
 
 
@@ -237,7 +237,7 @@ def split_table(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpus: i
 
     ranks = [l for l in range(cfg.minibatch_rows, 0, -1) if cfg.minibatch_rows % l == 0]
     rows = []
-    configured = (cfg.rollout.num_actors, cfg.learner.num_workers)
+    configured = (cfg.rollout.num_engines, cfg.learner.num_workers)
     for g in range(1, gpus + 1):
         for l in ranks:
             kv = fits(g, l)
@@ -281,7 +281,7 @@ def render_splits(rows: list[StepEstimate], configured: tuple[int, int], a: Assu
         lines.append(f"suggested split: {top.generators}/{top.learners}, the configured one")
     else:
         lines.append(f"suggested split: {top.generators}/{top.learners}, {top.samples_per_s / mine.samples_per_s - 1:+.0%} "
-                     f"samples/s over the configured {configured[0]}/{configured[1]} (rollout.num_actors, "
+                     f"samples/s over the configured {configured[0]}/{configured[1]} (rollout.num_engines, "
                      "learner.num_workers)")
     lines += ["assumptions:"] + [f"  {s}" for s in a.lines()]
     return "\n".join(lines)
