@@ -407,6 +407,11 @@ class LearnerGroup:
                     self._fresh, self._fresh_group = {}, None  # that group will not finish starting
                 tb = payload["traceback"]
                 detail = tb.strip().splitlines()[-1] + "\n" + tb
+                if not payload.get("peer_failure", True):
+                    # The learner's own code raised on these inputs: a restart would raise again
+                    # (and every rank would be retried as if a worker had died), so say it as it is.
+                    raise RoleFailed(f"learner (rank {rank})", tb.strip().splitlines()[-1] + " (raised in the learner's "
+                                     "code, not retried; the traceback is in the rank's log)", kind="raised")
                 if self.restarts >= self.cfg.cluster.max_role_restarts:
                     raise RoleFailed(f"learner (rank {rank})", detail)
                 failed = failed or f"rank {rank}: {detail}"

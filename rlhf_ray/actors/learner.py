@@ -284,9 +284,26 @@ def train_loop(config: dict[str, Any]) -> None:
                 outbox.put(("updated", request_id, rank, payload))
             else:
                 raise ValueError(f"unknown learner request {kind!r}")
-    except Exception:
-        outbox.put(("error", request_id, rank, {"group": group, "traceback": traceback.format_exc()}))
+    except Exception as e:
+        outbox.put(("error", request_id, rank, {"group": group, "traceback": traceback.format_exc(),
+                                                "peer_failure": peer_failure(e)}))
         raise
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is what a rank sees when another rank or the cluster fails (a collective
+    or a Ray call broken): a restarted group can go on. Anything else is this code's own error
+    on these inputs, which a restart would only repeat."""
+    import torch.distributed as dist
+    from ray.exceptions import RayError
+
+    broken = tuple(t for t in (getattr(dist, "DistError", None), RayError, ConnectionError, TimeoutError) if t)
+    if isinstance(e, broken):
+        return True
+    # gloo reports a peer's death as a plain RuntimeError.
+    text = str(e).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection closed by peer", "connection reset by peer",
+                                   "broken pipe", "timed out"))
 
 
 def _group_id(world: int, device: torch.device) -> str:

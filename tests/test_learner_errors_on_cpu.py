@@ -1,0 +1,60 @@
+"""A learner rank's own error is reported as itself, once; a rank broken by its peers is left to
+Ray Train's restart. The driver's side (LearnerGroup._collect) on a plain queue: no Ray here."""
+import queue
+import threading
+
+import pytest
+
+from rlhf_ray.actors.learner import peer_failure
+from rlhf_ray.config import load_config
+from rlhf_ray.launch import LearnerGroup, LearnerRestarted, RoleFailed
+from tests.test_config_on_cpu import TINY
+
+
+@pytest.mark.parametrize("error,peer", [
+    (RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn"), False),
+    (ValueError("a batch with no response tokens"), False),
+    (KeyError("value_head"), False),
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4711"), True),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error"), True),
+    (ConnectionResetError("reset"), True),
+])
+def test_peer_failures_are_told_from_the_learners_own_errors(error, peer):
+    assert peer_failure(error) is peer
+
+
+def _group(errors):
+    g = LearnerGroup.__new__(LearnerGroup)  # the reply loop only; no Ray Train run behind it
+    g.cfg, g.world, g.timeout, g.restarts = load_config(TINY), 2, 5.0, 0
+    g.group, g._fresh, g._fresh_group = "g1", {}, None
+    g.outbox = queue.Queue()
+    for e in errors:
+        g.outbox.put(e)
+    stop = threading.Event()
+    g._thread = threading.Thread(target=stop.wait, daemon=True)
+    g._thread.start()
+    return g, stop
+
+
+TB = "Traceback (most recent call last):\n  File \"learner.py\", line 131\nRuntimeError: element 0 of tensors does not require grad\n"
+
+
+def test_the_learners_own_error_is_reported_at_once_without_a_restart():
+    g, stop = _group([("error", 1, 1, {"group": "g1", "traceback": TB, "peer_failure": False})])
+    with pytest.raises(RoleFailed) as e:
+        g._collect("updated", 1)
+    stop.set()
+    assert e.value.kind == "raised" and not e.value.recoverable and not isinstance(e.value, LearnerRestarted)
+    assert str(e.value).startswith("learner (rank 1) failed: RuntimeError: element 0 of tensors does not require grad")
+    assert "not retried" in str(e.value)
+
+
+def test_a_rank_broken_by_its_peer_waits_for_the_restarted_group():
+    gloo = TB.replace("RuntimeError: element 0 of tensors does not require grad", "RuntimeError: Connection closed by peer")
+    g, stop = _group([("error", 1, 0, {"group": "g1", "traceback": gloo, "peer_failure": True}),
+                      ("ready", None, 0, {"group": "g2", "inbox": "q0", "adapter": ["a"], "value_head": {}}),
+                      ("ready", None, 1, {"group": "g2", "inbox": "q1"})])
+    with pytest.raises(LearnerRestarted):
+        g._collect("updated", 1)
+    stop.set()
+    assert g.group == "g2" and g.inboxes == ["q0", "q1"] and g.restarts == 1
