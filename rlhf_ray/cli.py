@@ -245,6 +245,10 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     plan = make_plan(cfg, shape, rm_shape, nodes=nodes, gpus_per_node=gpus // nodes, gpu_memory=memory, **lengths)
     print(f"plan for {gpus} GPUs of {gpu_mem_gib:g} GiB on {nodes} node(s), model {model}")
     print(render(plan, shape, memory))
+    from .launch import cpu_role_warnings
+
+    for w in cpu_role_warnings(cfg):
+        print(f"warning: {w}")
     print()
     if cfg.rollout.num_gpus > 0 and cfg.learner.use_gpu and cfg.reward.num_gpus > 0:
         rows = split_table(cfg, shape, rm_shape, gpus=gpus, nodes=nodes, gpu_memory=memory, **lengths)

@@ -279,7 +279,7 @@ class RolloutConfig:
     max_model_len: Optional[int] = None  # null = longest prompt + max_new_tokens (sizes the engine)
     kv_cache_mib: Optional[int] = None  # explicit KV cache; null = 256 MiB on CPU, on GPU what
     #                                     gpu_memory_utilization leaves after weights and activations
-    gpu_memory_utilization: Optional[float] = None  # null = 0.9 on GPU; on CPU vLLM reads it as a
+    gpu_memory_utilization: Optional[float] = None  # null = 0.9 x the engine's rollout.num_gpus share on GPU; on CPU vLLM reads it as a
     #                                                 fraction of RAM (null = 0.1)
     enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
     # The engine's core and model runner in the generator's own process instead of two child

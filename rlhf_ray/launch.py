@@ -187,6 +187,23 @@ def preflight(cfg: Config, requests: Optional[dict[str, list[tuple[str, float]]]
         raise ValueError("; ".join(problems))
     if waits:
         log.warning("the roles will wait for resources: %s", "; ".join(waits))
+    for w in cpu_role_warnings(cfg):
+        log.warning(w)
+
+
+def cpu_role_warnings(cfg: Config) -> list[str]:
+    """Model roles left on the CPU in a run whose policy is on GPUs. A role with num_gpus 0 gets
+    the CPU and one math thread (devices.role_device): for a 7B model, hours per step."""
+    if not (cfg.learner.use_gpu or cfg.rollout.num_gpus > 0):
+        return []
+    out = []
+    if cfg.reward.uses_model and cfg.reward.num_gpus == 0:
+        out.append("reward.num_gpus=0: the reward model runs on the CPU while the policy uses GPUs (a 7B reward "
+                   "model there takes hours per step); give it a share of a card, e.g. reward.num_gpus=1")
+    if cfg.reference.mode == "separate" and cfg.reference.num_gpus == 0:
+        out.append("reference.num_gpus=0: the separate reference model runs on the CPU while the policy uses GPUs "
+                   "(hours per step at 7B); set reference.num_gpus, or reference.mode=shared_base (no second copy)")
+    return out
 
 
 def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:

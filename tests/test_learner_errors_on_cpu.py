@@ -1,5 +1,6 @@
-"""A learner rank's own error is reported as itself, once; a rank broken by its peers is left to
-Ray Train's restart. The driver's side (LearnerGroup._collect) on a plain queue: no Ray here."""
+"""The learner's and the GPU roles' failure modes that a CPU can reproduce: a rank's own error reported as
+itself, once (a rank broken by its peers is left to Ray Train's restart); engine options and role
+placement warnings read from the config. The driver's reply loop runs on a plain queue: no Ray here."""
 import queue
 import threading
 
@@ -58,3 +59,28 @@ def test_a_rank_broken_by_its_peer_waits_for_the_restarted_group():
         g._collect("updated", 1)
     stop.set()
     assert g.group == "g2" and g.inboxes == ["q0", "q1"] and g.restarts == 1
+
+
+def test_the_engine_wraps_only_the_adapters_layers_and_asks_for_its_share_of_a_card():
+    from rlhf_ray.actors.engine import engine_kwargs
+
+    cfg = load_config(TINY, ["lora.target_modules=[q_proj,v_proj]"])
+    assert engine_kwargs(cfg, "m")["lora_target_modules"] == ["q_proj", "v_proj"]
+    auto = "rollout.gpu_memory_utilization=null"
+    half = load_config(TINY, ["rollout.num_gpus=0.5", auto])
+    assert engine_kwargs(half, "m", on_gpu=True)["gpu_memory_utilization"] == 0.45
+    assert engine_kwargs(load_config(TINY, ["rollout.num_gpus=1", auto]), "m", on_gpu=True)["gpu_memory_utilization"] == 0.9
+    assert engine_kwargs(load_config(TINY, ["rollout.num_gpus=0.5", "rollout.gpu_memory_utilization=0.3"]), "m",
+                         on_gpu=True)["gpu_memory_utilization"] == 0.3
+
+
+def test_a_model_role_left_on_the_cpu_beside_gpus_is_warned_of():
+    from rlhf_ray.launch import cpu_role_warnings
+
+    assert cpu_role_warnings(load_config(TINY)) == []  # all on CPU: nothing to say
+    gpu = ["rollout.num_gpus=1", "learner.use_gpu=true"]
+    said = cpu_role_warnings(load_config(TINY, gpu))
+    assert len(said) == 1 and said[0].startswith("reward.num_gpus=0: the reward model runs on the CPU")
+    said = cpu_role_warnings(load_config(TINY, [*gpu, "reward.num_gpus=1", "reference.mode=separate"]))
+    assert len(said) == 1 and said[0].startswith("reference.num_gpus=0")
+    assert cpu_role_warnings(load_config(TINY, [*gpu, "reward.rule=sentiment"])) == []  # no reward model

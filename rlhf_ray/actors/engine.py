@@ -30,7 +30,10 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
         enable_lora=True,
         max_lora_rank=r.max_lora_rank,
         max_loras=r.max_loras,
-        gpu_memory_utilization=r.gpu_memory_utilization or (0.9 if on_gpu else 0.1),
+        gpu_memory_utilization=r.gpu_memory_utilization or (gpu_share_utilization(r.num_gpus) if on_gpu else 0.1),
+        # Only the layers the adapter has: otherwise vLLM wraps (and computes LoRA kernels on)
+        # every supported layer, gate_up_proj and down_proj too, for an attention-only adapter.
+        lora_target_modules=None if "all-linear" in cfg.lora.target_modules else list(cfg.lora.target_modules),
         seed=r.seed if seed is None else seed,
         enforce_eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
         worker_extension_cls=WORKER_EXTENSION,
@@ -43,6 +46,13 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
     if r.max_model_len or max_model_len:
         kwargs["max_model_len"] = r.max_model_len or max_model_len
     return kwargs
+
+
+def gpu_share_utilization(num_gpus: float) -> float:
+    """vLLM's gpu_memory_utilization for an engine holding ``num_gpus`` of a card: 0.9 of its
+    share. vLLM refuses to start unless total x utilisation is free, so two engines at 0.5 GPU
+    each cannot both ask for 0.9."""
+    return round(0.9 * min(1.0, num_gpus), 3) if num_gpus > 0 else 0.9
 
 
 def tcmalloc_path() -> Optional[str]:

@@ -72,7 +72,9 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
     if r.kv_cache_mib is not None:
         kv = r.kv_cache_mib * 2**20
     elif r.num_gpus > 0:
-        kv = max(0, int((r.gpu_memory_utilization or 0.9) * gpu_memory) - weights - ENGINE_RESERVE_BYTES
+        from ..actors.engine import gpu_share_utilization  # what the engine will ask vLLM for
+
+        kv = max(0, int((r.gpu_memory_utilization or gpu_share_utilization(r.num_gpus)) * gpu_memory) - weights - ENGINE_RESERVE_BYTES
                  - CUDA_CONTEXT_BYTES)
     else:
         from ..actors.engine import CPU_KV_CACHE_MIB
