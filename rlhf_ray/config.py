@@ -414,6 +414,9 @@ class LearnerConfig:
     # PPO step makes epochs x ppo.prompts_per_step / minibatch_prompts optimizer steps whatever the group size.
     minibatch_prompts: int = 16
     micro_batch_size: int = 2  # rows per forward/backward on one worker; gradients accumulate
+    # Rows per forward of the no-gradient passes (old and reference log-probs, values): with no
+    # graph kept, more rows fit than in training. null = 4 x micro_batch_size.
+    inference_micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
@@ -425,6 +428,12 @@ class LearnerConfig:
                   "max_grad_norm")
         _check(self.num_cpus_per_worker >= 0, "num_cpus_per_worker",
                f"must be >= 0, got {self.num_cpus_per_worker!r}")
+        _cap(self, "inference_micro_batch_size")
+
+    @property
+    def inference_rows(self) -> int:
+        """Rows per no-gradient forward on one worker."""
+        return self.inference_micro_batch_size or 4 * self.micro_batch_size
 
 
 # The off-policy correction's cap when rollouts run ahead of the learner (ppo.tis_cap null):

@@ -84,3 +84,9 @@ def test_a_model_role_left_on_the_cpu_beside_gpus_is_warned_of():
     said = cpu_role_warnings(load_config(TINY, [*gpu, "reward.num_gpus=1", "reference.mode=separate"]))
     assert len(said) == 1 and said[0].startswith("reference.num_gpus=0")
     assert cpu_role_warnings(load_config(TINY, [*gpu, "reward.rule=sentiment"])) == []  # no reward model
+
+
+def test_the_no_gradient_passes_take_more_rows_than_training():
+    lc = load_config(TINY, ["learner.micro_batch_size=1"]).learner
+    assert lc.inference_rows == 4
+    assert load_config(TINY, ["learner.inference_micro_batch_size=16"]).learner.inference_rows == 16

@@ -70,7 +70,7 @@ class LearnerCore:
         width = batch.action_mask.shape[1]
         out: dict[str, list] = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
         shared = self.cfg.reference.mode == "shared_base"
-        for m in batch.micro_batches(self.cfg.learner.micro_batch_size, self.device):
+        for m in batch.micro_batches(self.cfg.learner.inference_rows, self.device):
             lp, values, _ = self.module(m.input_ids, m.attention_mask, m.action_mask)
             out["old_logprobs"].append(to_action_width(lp, width))
             if values is not None:
