@@ -60,3 +60,21 @@ def test_a_request_seed_fixes_the_samples(generator, prompts):
     assert b.response_ids == [a.response_ids[3], a.response_ids[0]]
     c = generator.generate(ids[:6], seeds=[20, 21, 22, 23, 24, 25])
     assert c.response_ids != a.response_ids
+
+
+def test_shutdown_stops_an_engine_it_built_and_its_child_processes(tiny_cfg, tiny_model_dir):
+    """With the engine core in child processes (vLLM's default on a GPU), shutdown ends them:
+    a killed generator's finalizer would not, and the card would stay held."""
+    import psutil
+
+    cfg = dataclasses.replace(tiny_cfg, rollout=dataclasses.replace(tiny_cfg.rollout, engine_in_process=False))
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    gen = RolloutGenerator(cfg, tiny_model_dir, "test-own-engine")
+    # Python's multiprocessing resource tracker stays for the life of this process; it holds no card.
+    engine_procs = [p for p in me.children(recursive=True)
+                    if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
+    assert engine_procs, "the engine core did not run in a child process"
+    gen.shutdown()
+    _, alive = psutil.wait_procs(engine_procs, timeout=30)
+    assert not alive, f"engine processes left running: {[p.pid for p in alive]}"

@@ -33,6 +33,7 @@ class RolloutGenerator:
         on_gpu = role_device(name, cfg.rollout.num_gpus, f"rollout.num_gpus={cfg.rollout.num_gpus:g}",
                              rehearse=cfg.cluster.rehearse).type == "cuda"
         self.memory = MemorySampler()
+        self._own_engine = engine is None  # shutdown stops only an engine this generator built
         t = time.perf_counter()
         # processed_logprobs: the log-probs of the distribution actually sampled from (after
         # temperature, top-k and top-p), which is what the learner's ratio must use.
@@ -131,8 +132,16 @@ class RolloutGenerator:
         return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process()}
 
     def shutdown(self) -> None:
+        """Stop the engine (its core and workers, which hold the card on a GPU) and remove the
+        adapter files. vLLM's own clean-up of a spawned engine core runs from a finalizer that a
+        killed actor never reaches, and a replacement in the same slot would then find the card full."""
         if self._dir is not None:
             remove_adapter_dir(self._dir)
+        if self._own_engine:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception as e:  # already stopped, or dying with its process anyway
+                logging.getLogger(__name__).debug("%s: engine shutdown: %s", self.name, e)
         self.memory.close()
 
 
