@@ -21,6 +21,16 @@ def _cmd_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
+    from .doctor import render, run_doctor
+
+    rows, code = run_doctor(cfg)
+    print(render(rows))
+    print("\nall checks passed" if code == 0 else "\na check failed: see its row (the roles' output is in this "
+          "process's log above)")
+    return code
+
+
 def _cmd_build_model(cfg: Config, args: argparse.Namespace) -> int:
     from .models import resolve_model_path
 
@@ -378,6 +388,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "train": (_cmd_train, "PPO: vLLM rollout actors, reward, reference, Ray Train learner; report"),
     "run": (_cmd_run, "the whole pipeline: tiny model, SFT, reward model, PPO, held-out judge, report"),
     "bench": (_cmd_bench, "a benchmark; writes benchmarks/results/<name>.json and prints its table"),
+    "doctor": (_cmd_doctor, "smoke test of this machine's devices in minutes: engine, adapter hot swap, log-probs, "
+                            "one learner update, a two-rank all-reduce (run it first on a new GPU machine)"),
     "plan": (_cmd_plan, "per-actor memory and GPU placement from the model's config.json (no weights, no GPU)"),
 }
 

@@ -111,3 +111,31 @@ def test_a_rehearsal_short_of_gpus_is_told_to_declare_them_not_to_drop_them():
     assert "ray start --head --num-gpus 7" in problems[0] and "0/false" not in problems[0]
     problems, _ = shortfalls(asks, {"GPU": 0.0}, {"GPU": 0.0}, rehearse=False)
     assert "set those keys to 0/false" in problems[0]
+
+
+@pytest.mark.integration
+def test_doctor_runs_every_check_on_cpu_and_says_which_it_skipped(tiny_model_dir):
+    r = rlhf_ray("doctor", "--config", TINY, f"model.path={tiny_model_dir}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {line[:42].strip(): line[42:].split(None, 1) for line in r.stdout.splitlines()
+            if line[:1].isalpha() and "  " in line}
+    for check in ("device", "engine (as a rollout actor builds it)", "learner", "adapter publish and hot swap",
+                  "log-probs, engine vs learner (top_p 1.0)", "log-probs, engine vs learner (top_p 0.9)",
+                  "learner update (gradient checkpointing)", "two-rank all-reduce"):
+        assert rows[check][0] == "pass", (check, rows.get(check))
+    assert "engine holds 1 LoRA(s), version 3; 3 distinct outputs of 3" in rows["adapter publish and hot swap"][1]
+    gap = float(rows["log-probs, engine vs learner (top_p 0.9)"][1].split()[1].rstrip(","))
+    assert gap < 1e-5  # fp32 on a CPU: the engine and the learner agree to float rounding
+    assert "gloo" in rows["two-rank all-reduce"][1] and "all checks passed" in r.stdout
+
+
+def test_a_failing_check_is_its_own_row_and_the_checks_after_it_say_why_they_skipped():
+    from rlhf_ray.doctor import _need, _row
+
+    def broken():
+        raise RuntimeError("CUDA error: out of memory\nmore")
+
+    assert (_row("engine", broken).result, _row("engine", broken).figures) == ("FAIL", "RuntimeError: CUDA error: out of memory")
+    later = _row("publish", lambda: (True, str(_need({}, "gen"))))
+    assert later.result == "skipped" and "needs the gen check" in later.figures
+    assert _row("gap", lambda: (False, "mean 0.3")).result == "FAIL"
