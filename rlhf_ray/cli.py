@@ -117,6 +117,7 @@ def _finish(cfg: Config, records: list[dict]) -> None:
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    plan_gate(cfg)
     resume = None
     if args.resume is not None:
         cfg, resume = _resume_target(cfg, args)
@@ -188,6 +189,7 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     if not args.overwrite:  # before SFT: refused in seconds, not after the stages
         refuse_to_replace(cfg.output.run_dir.resolve())
     _check_every_stage(cfg)
+    plan_gate(cfg)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     stages = [("model", lambda: print(f"model: {resolve_model_path(cfg.model)}")), ("sft", lambda: _cmd_sft(cfg, args))]
@@ -218,41 +220,69 @@ def checkpoint_line(cfg: Config, step_s: float) -> str:
             f"{step_s:.0f} s per step (run ~{hours:.1f} h), the newest {cfg.checkpoint.keep} kept")
 
 
-def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    """Per-actor memory and placement from the model's config.json alone (no weights, no GPU),
-    then the rate model's generator/learner splits (GPU roles only)."""
+def _make_plan(cfg: Config, gpus: Optional[int] = None, nodes: Optional[int] = None,
+               gpu_mem_gib: Optional[float] = None):
+    """(plan, shape, rm_shape, model, gpus, nodes, gpu_mem_gib, lengths) of ``cfg``, from the
+    models' config.json alone; the flags override cluster.nodes / cluster.gpu_memory_gib.
+
+    Raises:
+        ValueError: a count or size that is not positive, or GPUs not divisible by nodes.
+    """
     import math
     from pathlib import Path
 
     from .models.loading import shape_path
     from .plan import model_shape
-    from .plan.placement import GIB, make_plan, render
-    from .plan.rates import render_splits, split_table
+    from .plan.placement import GIB, make_plan
 
     model = shape_path(cfg.model)
     targets = list(cfg.lora.target_modules)
     shape = model_shape(model, cfg.lora.rank, targets)
     rm = cfg.reward.path if cfg.reward.path and (Path(cfg.reward.path) / "config.json").is_file() else model
     rm_shape = model_shape(rm, cfg.lora.rank, targets)
-    # Flags override the config's cluster.nodes / cluster.gpu_memory_gib.
-    nodes = args.nodes if args.nodes is not None else cfg.cluster.nodes
-    gpu_mem_gib = args.gpu_mem_gib if args.gpu_mem_gib is not None else cfg.cluster.gpu_memory_gib
+    nodes = nodes if nodes is not None else cfg.cluster.nodes
+    gpu_mem_gib = gpu_mem_gib if gpu_mem_gib is not None else cfg.cluster.gpu_memory_gib
     reference_gpus = cfg.reference.num_gpus if cfg.reference.mode == "separate" else 0.0
     asked = (int(cfg.learner.use_gpu) * cfg.learner.num_workers + cfg.rollout.num_gpus * cfg.rollout.num_engines
              + cfg.reward.num_gpus + reference_gpus)
-    gpus = args.gpus if args.gpus is not None else max(1, math.ceil(asked - 1e-9))
+    gpus = gpus if gpus is not None else max(1, math.ceil(asked - 1e-9))
     if nodes < 1 or gpus < 1 or gpu_mem_gib <= 0:
-        print(f"rlhf-ray plan: --gpus {gpus}, --nodes {nodes}, --gpu-mem-gib {gpu_mem_gib:g}: each must be positive",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"--gpus {gpus}, --nodes {nodes}, --gpu-mem-gib {gpu_mem_gib:g}: each must be positive")
     if gpus % nodes:
-        print(f"rlhf-ray plan: {gpus} GPUs are not divisible by {nodes} nodes (--gpus / --nodes, cluster.nodes)",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"{gpus} GPUs are not divisible by {nodes} nodes (--gpus / --nodes, cluster.nodes)")
     memory = int(gpu_mem_gib * GIB)
     lengths = dict(seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
                    response_tokens=cfg.rollout.max_new_tokens)
     plan = make_plan(cfg, shape, rm_shape, nodes=nodes, gpus_per_node=gpus // nodes, gpu_memory=memory, **lengths)
+    return plan, shape, rm_shape, model, gpus, nodes, gpu_mem_gib, lengths
+
+
+def plan_gate(cfg: Config) -> None:
+    """Before any actor of a GPU run starts: refuse a layout the planner says cannot fit (an
+    engine's KV cache too small, an actor larger than a card), where it would otherwise fail
+    minutes later inside vLLM or with a CUDA out-of-memory error."""
+    if cfg.cluster.rehearse or not (cfg.learner.use_gpu or cfg.rollout.num_gpus > 0):
+        return
+    plan = _make_plan(cfg)[0]
+    if plan.problems:
+        raise ConfigError(f"the GPU layout does not fit ({cfg.cluster.gpu_memory_gib:g} GiB per card, "
+                          f"cluster.gpu_memory_gib): " + "; ".join(plan.problems)
+                          + ". `rlhf-ray plan` with this config shows every actor's memory")
+
+
+def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    """Per-actor memory and placement from the model's config.json alone (no weights, no GPU),
+    then the rate model's generator/learner splits (GPU roles only)."""
+    from .plan.placement import render
+    from .plan.rates import render_splits, split_table
+
+    try:
+        plan, shape, rm_shape, model, gpus, nodes, gpu_mem_gib, lengths = _make_plan(
+            cfg, args.gpus, args.nodes, args.gpu_mem_gib)
+    except ValueError as e:
+        print(f"rlhf-ray plan: {e}", file=sys.stderr)
+        return 2
+    memory = int(gpu_mem_gib * 2**30)
     print(f"plan for {gpus} GPUs of {gpu_mem_gib:g} GiB on {nodes} node(s), model {model}")
     print(render(plan, shape, memory))
     from .launch import cpu_role_warnings

@@ -545,12 +545,15 @@ class ClusterConfig:
     address: Optional[str] = None  # a Ray cluster to join (ray://, host:port or auto); null = RAY_ADDRESS, else a local head
     num_cpus: Optional[int] = None  # logical CPUs of a local head; null = Ray's count
     call_timeout_s: float = 600.0  # every remote call that can hang gets this timeout
+    # A collective (all-reduce) of the learner's or a stage's ranks that waits longer fails its rank:
+    # a broken NCCL path between cards then shows in minutes, not after torch's 30-minute default.
+    collective_timeout_s: float = 900.0  # >= the slowest rank's model load, which precedes the first one
     # ...except a new generator's first reply, which waits for its engine to be built and the
     # weights loaded (minutes for a 7B model on a cold node): a hang is told from a slow start.
     start_timeout_s: float = 1800.0
     # The layout `rlhf-ray plan` assumes (its --nodes / --gpu-mem-gib override these).
     nodes: int = 1  # the GPUs are spread evenly over this many nodes
-    gpu_memory_gib: float = 24.0  # memory of one GPU (RTX 3090: 24)
+    gpu_memory_gib: float = 23.7  # usable memory of one GPU, as CUDA reports it (an RTX 3090 sold as 24 GB: 23.7 GiB)
     # Rehearsal (`--rehearse`): every role keeps its resource requests and placement, but
     # computes on CPU, so a CPU-only cluster that declares logical GPUs runs the GPU layout.
     rehearse: bool = False
@@ -568,7 +571,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus",
                f"must be >= 1 or null, got {self.num_cpus!r}")
-        _positive(self, "call_timeout_s", "start_timeout_s", "nodes", "gpu_memory_gib")
+        _positive(self, "call_timeout_s", "start_timeout_s", "nodes", "gpu_memory_gib", "collective_timeout_s")
         _check(self.max_role_restarts >= 0, "max_role_restarts", f"must be >= 0, got {self.max_role_restarts!r}")
         _check(bool(self.dashboard_host), "dashboard_host", "must be a host address, e.g. 127.0.0.1")
         _one_of(self, "local_auth", ("token", "ray_default"))

@@ -327,7 +327,8 @@ def torch_config(cfg: Config, use_gpu: bool):
     workers hold logical GPUs but compute on CPU."""
     from ray.train.torch import TorchConfig
 
-    return TorchConfig(backend="nccl" if use_gpu and not cfg.cluster.rehearse else "gloo")
+    return TorchConfig(backend="nccl" if use_gpu and not cfg.cluster.rehearse else "gloo",
+                       timeout_s=int(cfg.cluster.collective_timeout_s))
 
 
 class LearnerRestarted(RoleFailed):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_ray.config import load_config
 from rlhf_ray.plan import model_shape
 from rlhf_ray.plan.memory import kv_cache_sequences, learner_bytes
 from test_cli_on_cpu import rlhf_ray
@@ -200,7 +201,7 @@ def test_plan_reads_nodes_and_gpu_memory_from_the_config_and_flags_override(monk
     two = "configs/llama2_7b_lora_2x4x3090.yaml"
     assert main(["plan", "--config", two]) == 0
     out = capsys.readouterr().out
-    assert "plan for 8 GPUs of 24 GiB on 2 node(s)" in out
+    assert "plan for 8 GPUs of 23.7 GiB on 2 node(s)" in out
     # The DDP group on one node, generators and the reward model on the other.
     for i in range(4):
         assert f"node 0 gpu {i}  learner-{i}" in out
@@ -209,3 +210,15 @@ def test_plan_reads_nodes_and_gpu_memory_from_the_config_and_flags_override(monk
     assert "plan for 8 GPUs of 48 GiB on 1 node(s)" in capsys.readouterr().out
     assert main(["plan", "--config", two, "cluster.gpu_memory_gib=12"]) == 1  # the learners no longer fit
     assert "of 12 GiB" in capsys.readouterr().out
+
+
+def test_train_and_run_refuse_a_gpu_layout_the_planner_says_cannot_fit():
+    from rlhf_ray.cli import plan_gate
+    from rlhf_ray.config import ConfigError
+
+    seven = str(ROOT / "configs" / "llama2_7b_lora_8x3090.yaml")
+    plan_gate(load_config(seven))  # the shipped layout fits 23.7 GiB cards
+    with pytest.raises(ConfigError, match=r"the GPU layout does not fit \(16 GiB per card.*rollout-0: its KV cache"):
+        plan_gate(load_config(seven, ["cluster.gpu_memory_gib=16"]))
+    plan_gate(load_config(seven, ["cluster.gpu_memory_gib=16", "cluster.rehearse=true"]))  # a rehearsal is on CPU
+    plan_gate(load_config(str(ROOT / "configs" / "tiny_cpu.yaml")))  # no GPU role: nothing to plan

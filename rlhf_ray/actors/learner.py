@@ -90,6 +90,8 @@ class LearnerCore:
         gradients: 1 worker and N workers then make the same update on the same data.
         """
         lc = self.cfg.learner
+        if self.device.type == "cuda":  # the step's own peak in memory_stats, not the run's so far
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.module.train()
         from ..models.policy import disable_dropout
 
