@@ -474,7 +474,7 @@ class PPOConfig:
     truncated: str = "penalty"
     truncated_penalty: float = -1.0  # in reward units (the reward model's scores are unit-scale)
     # NaN/inf in rewards, advantages, the loss or the gradients skips that update (counted in the
-    # metrics); this many bad steps in a row stop the run (the last checkpoint stays valid).
+    # metrics); more than this many bad steps in a row stop the run (the last checkpoint stays valid).
     max_bad_steps: int = 3
     # Truncated importance sampling: the policy term of each token is weighted by
     # min(pi_old / pi_behaviour, tis_cap), pi_behaviour being what the generator sampled with (an
