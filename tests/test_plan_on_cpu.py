@@ -222,3 +222,17 @@ def test_train_and_run_refuse_a_gpu_layout_the_planner_says_cannot_fit():
         plan_gate(load_config(seven, ["cluster.gpu_memory_gib=16"]))
     plan_gate(load_config(seven, ["cluster.gpu_memory_gib=16", "cluster.rehearse=true"]))  # a rehearsal is on CPU
     plan_gate(load_config(str(ROOT / "configs" / "tiny_cpu.yaml")))  # no GPU role: nothing to plan
+
+
+def test_the_sft_and_reward_model_stages_are_planned_too():
+    from rlhf_ray.cli import _make_plan
+
+    eight = str(ROOT / "configs" / "llama31_8b_lora_8x3090.yaml")
+    plan = _make_plan(load_config(eight))[0]
+    sft, rm = plan.stages
+    assert (sft.name, rm.name) == ("sft-worker", "rm-worker") and not plan.problems
+    # Llama-3.1-8B's 128k vocabulary: the language-model loss's logits over 2,176 tokens, ~3.6 GiB.
+    assert 3.3 < sft.parts["logits"] / 2**30 < 4.0 and rm.parts["logits"] == 0
+    assert rm.parts["activations"] == 2 * sft.parts["activations"]  # a pair: two sequences a row
+    full = _make_plan(load_config(eight, ["sft.mode=full"]))[0]
+    assert any(p.startswith("sft-worker needs") and "sft.mode=lora" in p for p in full.problems)

@@ -98,3 +98,29 @@ def kv_cache_sequences(kv_cache_bytes: int, shape: ModelShape, dtype: str, max_m
     blocks = kv_cache_bytes // block_bytes
     per_seq = -(-max_model_len // block_size)
     return blocks / per_seq
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def stage_bytes(shape: ModelShape, *, dtype: str, mode: str, lora_rank: int, targets: list[str], micro_batch: int,
+                seq_len: int, checkpointing: bool, sequences_per_row: int, vocab_logits: bool) -> dict[str, int]:
+    """One worker of the SFT (``vocab_logits``: the language-model loss over every position) or
+    reward-model stage (``sequences_per_row`` 2: a pair), by part. ``mode`` lora: the frozen base
+    plus an fp32 adapter with its gradient and AdamW moments; full: every weight trains, its
+    gradient and both moments in the weights' dtype. Activations as for the learner (module doc);
+    full fine-tuning saves the input of every linear layer, as LoRA on all of them would."""
+    b = DTYPE_BYTES[dtype]
+    tokens = micro_batch * seq_len * sequences_per_row
+    if mode == "lora":
+        per_layer = layer_activation_bytes_per_token(shape, dtype, lora_rank, targets)
+        weights, trainable = shape.total_params * b, 16 * shape.lora_params
+    else:
+        per_layer = layer_activation_bytes_per_token(shape, dtype, 0, ALL_LINEAR)
+        weights, trainable = shape.total_params * b, 3 * shape.total_params * b
+    acts = tokens * shape.layers * (b * shape.hidden if checkpointing else per_layer)
+    acts += tokens * (2 * b * shape.head_dim + 4 * shape.hidden)
+    # logits in the base dtype, their fp32 copy, log-softmax and its gradient (fp32 each)
+    logits = tokens * shape.vocab * (b + 3 * 4) if vocab_logits else 0
+    return {"weights": weights, "trainable": trainable, "activations": acts,
+            "recompute": tokens * per_layer if checkpointing else 0, "logits": logits}

@@ -43,6 +43,30 @@ class Plan:
     slots: list[GPUSlot]
     problems: list[str]
     kv_sequences: Optional[float] = None
+    stages: list[ActorPlan] = field(default_factory=list)  # one worker of each GPU stage before PPO
+
+
+def stage_plans(cfg: Config, shape: ModelShape, *, gpu_memory: int) -> tuple[list[ActorPlan], list[str]]:
+    """One Ray Train worker of the SFT and reward-model stages that run on GPUs, each on its own
+    card (the stages run one at a time, before PPO), and the problems of any that does not fit."""
+    from .memory import stage_bytes
+
+    out, problems = [], []
+    for name, sc, pair in (("sft", cfg.sft, False), ("rm", cfg.rm, True)):
+        if not sc.use_gpu:
+            continue
+        parts = stage_bytes(shape, dtype=cfg.model.dtype, mode=sc.mode, lora_rank=cfg.lora.rank,
+                            targets=list(cfg.lora.target_modules), micro_batch=sc.micro_batch_size or sc.batch_size,
+                            seq_len=sc.max_seq_len, checkpointing=sc.gradient_checkpointing,
+                            sequences_per_row=2 if pair else 1, vocab_logits=not pair)
+        parts["cuda_context"] = CUDA_CONTEXT_BYTES
+        a = ActorPlan(f"{name}-worker", name, 1.0, sum(parts.values()), parts, f"mode={sc.mode}")
+        out.append(a)
+        if a.bytes > gpu_memory:
+            problems.append(f"{a.name} needs {a.bytes / GIB:.1f} GiB, {(a.bytes - gpu_memory) / GIB:.1f} GiB more than "
+                            f"one GPU ({_largest(a)}): set {name}.gradient_checkpointing=true, {name}.mode=lora, a "
+                            f"smaller {name}.micro_batch_size or {name}.max_seq_len, or model.dtype=bfloat16")
+    return out, problems
 
 
 class PlanError(ValueError):
@@ -149,7 +173,8 @@ def make_plan(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, nodes: in
                             "tokens, less than one: raise rollout.kv_cache_mib / gpu_memory_utilization or shorten "
                             "rollout.max_new_tokens / data.max_prompt_tokens")
             break
-    return Plan(actors, slots, problems, seqs)
+    stages, stage_problems = stage_plans(cfg, shape, gpu_memory=gpu_memory)
+    return Plan(actors, slots, problems + stage_problems, seqs, stages)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -171,5 +196,10 @@ def render(plan: Plan, shape: ModelShape, gpu_memory: int) -> str:
         lines += [_table(["GPU", "actors", "share", "planned GiB", f"free of {gpu_memory / GIB:.0f} GiB"],
                          [[f"node {s.node} gpu {s.index}", ", ".join(s.actors) or "-", f"{s.share:g}",
                            f"{s.used / GIB:.2f}", f"{(s.memory - s.used) / GIB:.2f}"] for s in plan.slots]), ""]
+    if plan.stages:
+        lines += ["stages before PPO, one worker per GPU:",
+                  _table(["worker", "GiB", "parts (GiB)", "note"],
+                         [[a.name, f"{a.bytes / GIB:.2f}", ", ".join(f"{k} {v / GIB:.2f}" for k, v in a.parts.items() if v),
+                           a.note] for a in plan.stages]), ""]
     lines += ["does not fit:\n  " + "\n  ".join(plan.problems) if plan.problems else "fits: every actor has a place."]
     return "\n".join(lines)
