@@ -39,6 +39,13 @@ def request_seed(seed: int, step: int, prompt: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_003 + prompt) % (2**31 - 1)
 
 
+def one_engine_at_a_time(cfg: Config) -> bool:
+    """Engines holding part of a card (rollout.num_gpus < 1) start one after another: vLLM
+    profiles the card's free memory while it builds and assumes nothing else changes it, so two
+    engines building on one card at once can each count the other's memory as their own."""
+    return 0 < cfg.rollout.num_gpus < 1
+
+
 class RolloutFleet:
     def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float,
                  placement: Optional[RolePlacement] = None):
@@ -61,8 +68,12 @@ class RolloutFleet:
 
     def launch(self) -> None:
         """Spawn ``rollout.num_engines`` engines without waiting: they build (in parallel) while
-        the rest of start-up goes on, since an engine is its slowest part."""
-        self._building += [self._spawn() for _ in range(self.cfg.rollout.num_engines - len(self._building))]
+        the rest of start-up goes on, since an engine is its slowest part. Engines that share
+        cards are built one at a time (:func:`one_engine_at_a_time`)."""
+        n = self.cfg.rollout.num_engines - len(self._building) - len(self.members)
+        if one_engine_at_a_time(self.cfg):
+            n = min(n, 1 - len(self._building))
+        self._building += [self._spawn() for _ in range(max(0, n))]
 
     def start(self, adapter_ref) -> None:
         """Attach the launched engines (launching them first if :meth:`launch` was not called)."""
@@ -71,6 +82,7 @@ class RolloutFleet:
         while self._building:
             self._attach(self._building[0])
             self._building.pop(0)
+            self.launch()  # the next one, where they start one at a time
 
     def build_seconds(self) -> dict[str, float]:
         """Each generator's own engine build and warm-up time (its constructor)."""

@@ -90,3 +90,29 @@ def test_the_no_gradient_passes_take_more_rows_than_training():
     lc = load_config(TINY, ["learner.micro_batch_size=1"]).learner
     assert lc.inference_rows == 4
     assert load_config(TINY, ["learner.inference_micro_batch_size=16"]).learner.inference_rows == 16
+
+
+@pytest.mark.parametrize("share,at_once", [(1.0, 3), (0.0, 3), (0.5, 1)])
+def test_engines_sharing_cards_are_built_one_at_a_time(share, at_once):
+    """vLLM profiles a card's free memory while it builds an engine: two at once on one card
+    would each count the other's. The fleet's launch order, with a recording _spawn (no Ray)."""
+    from rlhf_ray.fleet import RolloutFleet
+
+    cfg = load_config(TINY, ["rollout.num_engines=3", f"rollout.num_gpus={share}"])
+    fleet = RolloutFleet.__new__(RolloutFleet)
+    fleet.cfg, fleet.members, fleet._building, fleet.latest_adapter = cfg, [], [], None
+    ready_at_spawn = []
+
+    def spawn(slot=None):
+        ready_at_spawn.append(len(fleet.members))  # engines ready when this one starts
+        return (f"rollout-{len(ready_at_spawn) - 1}", None)
+
+    fleet._spawn = spawn
+    fleet._attach = lambda gen: fleet.members.append(gen)
+    fleet.launch()
+    assert len(fleet._building) == at_once
+    fleet.start("adapter-ref")
+    assert [n for n, _ in fleet.members] == ["rollout-0", "rollout-1", "rollout-2"]
+    assert ready_at_spawn == ([0, 1, 2] if at_once == 1 else [0, 0, 0])
+    fleet.launch()  # a full fleet launches no more
+    assert fleet._building == [] and len(ready_at_spawn) == 3
