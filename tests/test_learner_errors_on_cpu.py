@@ -116,3 +116,15 @@ def test_engines_sharing_cards_are_built_one_at_a_time(share, at_once):
     assert ready_at_spawn == ([0, 1, 2] if at_once == 1 else [0, 0, 0])
     fleet.launch()  # a full fleet launches no more
     assert fleet._building == [] and len(ready_at_spawn) == 3
+
+
+def test_a_replacement_engine_waits_for_the_card_its_predecessor_still_holds():
+    from rlhf_ray.actors.engine import wait_for_card
+
+    readings = iter([(2, 24), (10, 24), (23, 24)])  # GiB free of 24 as the old engine exits
+    slept = []
+    assert wait_for_card(0.9, 60, free_total=lambda: next(readings), sleep=slept.append) == 4.0
+    assert slept == [2.0, 2.0]
+    # It gives up at the start timeout and lets vLLM say what is missing.
+    assert wait_for_card(0.9, 6, free_total=lambda: (1, 24), sleep=lambda s: None) == 6.0
+    assert wait_for_card(0.5, 60, free_total=lambda: (13, 24), sleep=lambda s: None) == 0.0

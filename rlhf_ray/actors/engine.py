@@ -8,6 +8,7 @@ from typing import Optional
 from ..config import Config
 
 CPU_KV_CACHE_MIB = 256
+CARD_WAIT_S = 120.0  # the most a new engine waits for its card's memory to be released
 # Methods the rollout actor calls in its engine's worker process (host-memory release).
 WORKER_EXTENSION = "rlhf_ray.actors.engine_ext.WorkerHostMemory"
 
@@ -55,6 +56,53 @@ def gpu_share_utilization(num_gpus: float) -> float:
     return round(0.9 * min(1.0, num_gpus), 3) if num_gpus > 0 else 0.9
 
 
+def wait_for_card(utilization: float, timeout_s: float, *, free_total=None, sleep=None, poll_s: float = 2.0) -> float:
+    """Wait (up to ``timeout_s``, polling) until the card has the ``utilization`` x its memory
+    free that vLLM demands at start. A generator replacing a killed one takes its slot while the
+    old engine's processes may still be releasing the card. Read through NVML, which creates no
+    CUDA context in this process; without NVML (``free_total`` None) nothing is waited for.
+    Returns the seconds waited."""
+    import logging
+    import time
+
+    if free_total is None:
+        free_total = _nvml_free_total()
+        if free_total is None:
+            return 0.0
+    sleep = sleep or time.sleep
+    waited, warned = 0.0, False
+    while True:
+        free, total = free_total()
+        if free >= utilization * total or waited >= timeout_s:
+            return waited
+        if not warned:
+            logging.getLogger(__name__).warning(
+                "the card has %.1f of %.1f GiB free, vLLM needs %.1f (gpu_memory_utilization=%g): waiting up to "
+                "%.0f s for an earlier engine to release it", free / 2**30, total / 2**30,
+                utilization * total / 2**30, utilization, timeout_s)
+            warned = True
+        sleep(poll_s)
+        waited += poll_s
+
+
+def _nvml_free_total():
+    """(free, total) bytes of this process's first visible card, through NVML; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
+    except Exception:
+        return None
+
+    def read():
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return info.free, info.total
+    return read
+
+
 def tcmalloc_path() -> Optional[str]:
     """The tcmalloc shared library on this machine (gperftools' minimal build first), else None."""
     import ctypes.util
@@ -92,6 +140,10 @@ def build_engine(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mode
 
     kwargs = engine_kwargs(cfg, model_path, on_gpu=on_gpu, max_model_len=max_model_len, seed=seed)
     kwargs.update(overrides)
+    if on_gpu:
+        # Long enough for a killed engine's processes to exit; a card that others hold for good
+        # is vLLM's error to report, not a half-hour wait.
+        wait_for_card(kwargs["gpu_memory_utilization"], min(CARD_WAIT_S, cfg.cluster.start_timeout_s))
     # vLLM reads the process mode from the environment only; an engine built earlier in this
     # process froze its environment reads, hence the cache reset.
     in_process = kwargs.get("distributed_executor_backend") == "uni"
