@@ -34,6 +34,45 @@ def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
     return out
 
 
+def gpu_bytes_by_process(pid: Optional[int] = None, running=None) -> dict[str, int]:
+    """GPU memory in bytes of a process and each of its children that holds any, keyed like
+    :func:`rss_by_process`: on a GPU a vLLM engine's memory is in its core's child process,
+    where the actor's own CUDA counters never see it. ``running``: (pid, bytes) of every
+    process on the cards, by default from NVML ({} without it)."""
+    if running is None:
+        running = _nvml_running()
+    used: dict[int, int] = {}
+    for p, b in running:
+        used[p] = used.get(p, 0) + (b or 0)
+    out: dict[str, int] = {}
+    try:
+        proc = psutil.Process(pid or os.getpid())
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        if p.pid in used:
+            try:
+                out[f"{'self' if p is proc else p.name()}-{p.pid}"] = used[p.pid]
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def _nvml_running() -> list[tuple[int, int]]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            out += [(p.pid, p.usedGpuMemory) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+        return out
+    except Exception:  # no NVML (a CPU machine), or no permission: telemetry never breaks a step
+        return []
+
+
 def where() -> dict[str, Any]:
     """The node and the GPUs Ray assigned to this process (logical ids: a rehearsal on a
     CPU-only cluster reports the placement the GPU run would get)."""

@@ -128,3 +128,21 @@ def test_a_replacement_engine_waits_for_the_card_its_predecessor_still_holds():
     # It gives up at the start timeout and lets vLLM say what is missing.
     assert wait_for_card(0.9, 6, free_total=lambda: (1, 24), sleep=lambda s: None) == 6.0
     assert wait_for_card(0.5, 60, free_total=lambda: (13, 24), sleep=lambda s: None) == 0.0
+
+
+def test_an_engines_gpu_memory_is_found_in_its_child_processes():
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_ray.telemetry import gpu_bytes_by_process
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        got = gpu_bytes_by_process(running=[(child.pid, 5 * 2**30), (child.pid + 10**6, 2**30), (os.getpid(), 2**20)])
+        # this process and its child, each with its own bytes; another process's card memory is not ours
+        assert sorted(got.values()) == [2**20, 5 * 2**30] and got[f"self-{os.getpid()}"] == 2**20
+        assert any(k.endswith(f"-{child.pid}") for k in got)
+        assert gpu_bytes_by_process() == {}  # no NVML on this machine: nothing, and no error
+    finally:
+        child.kill()

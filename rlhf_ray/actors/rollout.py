@@ -16,7 +16,7 @@ from ..config import Config
 from ..devices import role_device
 from ..logs import redirect_output
 from ..sync import AdapterVersion, adapter_root, remove_adapter_dir, write_adapter
-from ..telemetry import MemorySampler, rss_by_process
+from ..telemetry import MemorySampler, gpu_bytes_by_process, rss_by_process
 from .engine import build_engine
 
 
@@ -129,7 +129,8 @@ class RolloutGenerator:
     def memory_stats(self) -> dict:
         # By process as well: with rollout.engine_in_process off, the engine's core and worker
         # are child processes of this actor.
-        return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process()}
+        return {"role": self.role, "name": self.name, **self.memory.stats(), "rss_by_process": rss_by_process(),
+                "gpu_bytes_by_process": gpu_bytes_by_process()}
 
     def shutdown(self) -> None:
         """Stop the engine (its core and workers, which hold the card on a GPU) and remove the
