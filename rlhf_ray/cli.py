@@ -117,13 +117,13 @@ def _finish(cfg: Config, records: list[dict]) -> None:
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    plan_gate(cfg)
     resume = None
     if args.resume is not None:
         cfg, resume = _resume_target(cfg, args)
         args.run_dir = cfg.output.run_dir  # where a failed role's log is, for main
     elif cfg.cluster.rehearse:
         _rehearsal_inputs(cfg, args)
+    plan_gate(cfg)  # the config the run will use: a resumed run's own
     _finish(cfg, _ppo(cfg, resume, overwrite=args.overwrite))
     return 0
 

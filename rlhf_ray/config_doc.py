@@ -102,15 +102,20 @@ def keys(section: Optional[str] = None) -> list[KeyDoc]:
     for name, cls in sections.items():
         if section not in (None, name):
             continue
-        hints, notes = typing.get_type_hints(cls), _comments(cls)
-        for f in dataclasses.fields(cls):
-            out.append(KeyDoc(f"{name}.{f.name}", _type_name(hints[f.name]), _default(f), _unit(f.name),
-                              notes.get(f.name, "")))
-        item = C._record_item(cls, "functions") if name == "reward" else None
-        if item is not None:  # reward.functions: a list of records with keys of their own
-            hints, notes = typing.get_type_hints(item), _comments(item)
-            out += [KeyDoc(f"{name}.functions[].{f.name}", _type_name(hints[f.name]), _default(f), _unit(f.name),
-                           notes.get(f.name, "")) for f in dataclasses.fields(item)]
+        out += _section_keys(name, cls)
+    return out
+
+
+def _section_keys(prefix: str, cls: type) -> list[KeyDoc]:
+    """The keys of one dataclass, each followed by those of its list-of-records items
+    (reward.functions[].path, ...)."""
+    hints, notes, out = typing.get_type_hints(cls), _comments(cls), []
+    for f in dataclasses.fields(cls):
+        out.append(KeyDoc(f"{prefix}.{f.name}", _type_name(hints[f.name]), _default(f), _unit(f.name),
+                          notes.get(f.name, "")))
+        item = C._record_item(cls, f.name)
+        if item is not None:
+            out += _section_keys(f"{prefix}.{f.name}[]", item)
     return out
 
 

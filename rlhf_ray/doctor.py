@@ -238,8 +238,6 @@ def all_reduce_check(on_gpu: bool) -> tuple[bool, str]:
 
 
 def render(rows: list[Check]) -> str:
-    cells = [["check", "result", "figures"]] + [[r.name, r.result, r.figures] for r in rows]
-    w0, w1 = (max(len(c[i]) for c in cells) for i in (0, 1))
-    lines = [f"{c[0]:<{w0}}  {c[1]:<{w1}}  {c[2]}" for c in cells]
-    lines.insert(1, f"{'-' * w0}  {'-' * w1}  {'-' * 7}")
-    return "\n".join(lines)
+    from .plan.placement import _table
+
+    return _table(["check", "result", "figures"], [[r.name, r.result, r.figures] for r in rows])

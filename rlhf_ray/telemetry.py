@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import psutil
 
@@ -17,9 +17,9 @@ def tree_rss(pid: Optional[int] = None) -> int:
     return sum(rss_by_process(pid).values())
 
 
-def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
-    """RSS in bytes of a process and each of its children, keyed ``<name>-<pid>`` (the process
-    itself ``self-<pid>``: a Ray worker's name changes with the task it runs)."""
+def _by_process(pid: Optional[int], value: Callable[[psutil.Process], Optional[int]]) -> dict[str, int]:
+    """``value`` of a process and each of its children (None: left out), keyed ``<name>-<pid>``
+    (the process itself ``self-<pid>``: a Ray worker's name changes with the task it runs)."""
     out: dict[str, int] = {}
     try:
         proc = psutil.Process(pid or os.getpid())
@@ -28,10 +28,17 @@ def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
         return out
     for p in procs:
         try:
-            out[f"{'self' if p is proc else p.name()}-{p.pid}"] = p.memory_info().rss
+            v = value(p)
+            if v is not None:
+                out[f"{'self' if p is proc else p.name()}-{p.pid}"] = v
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def rss_by_process(pid: Optional[int] = None) -> dict[str, int]:
+    """RSS in bytes of a process and each of its children (:func:`_by_process`)."""
+    return _by_process(pid, lambda p: p.memory_info().rss)
 
 
 def gpu_bytes_by_process(pid: Optional[int] = None, running=None) -> dict[str, int]:
@@ -44,19 +51,7 @@ def gpu_bytes_by_process(pid: Optional[int] = None, running=None) -> dict[str, i
     used: dict[int, int] = {}
     for p, b in running:
         used[p] = used.get(p, 0) + (b or 0)
-    out: dict[str, int] = {}
-    try:
-        proc = psutil.Process(pid or os.getpid())
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        if p.pid in used:
-            try:
-                out[f"{'self' if p is proc else p.name()}-{p.pid}"] = used[p.pid]
-            except psutil.NoSuchProcess:
-                pass
-    return out
+    return _by_process(pid, lambda p: used.get(p.pid))
 
 
 def _nvml_running() -> list[tuple[int, int]]:
