@@ -64,7 +64,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], adapter: AdapterVersio
 
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{int(state['step']):06d}"
+    final = root / checkpoint_name(int(state["step"]))
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapter(adapter, tmp / "adapter")
@@ -79,6 +79,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], adapter: AdapterVersio
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of step ``step``'s checkpoint (written after ``step`` steps)."""
+    return f"{PREFIX}{step:06d}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

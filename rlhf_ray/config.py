@@ -515,7 +515,9 @@ class GuardConfig:
     """The divergence guard (rlhf_ray/guard.py): each PPO step's record is checked for the signs
     of a run going wrong; each sign past its limit is a warning with the figure and the step."""
 
-    action: str = "stop"  # after `patience` alarmed steps in a row: stop (last good checkpoint and adapter named) | warn | off
+    # after `patience` alarmed steps in a row: stop (last good checkpoint and adapter named) | rollback (back
+    # to the last good checkpoint with learner.lr x rollback_lr_factor, at most max_rollbacks times, then stop) | warn | off
+    action: str = "stop"
     patience: int = 3  # alarmed steps in a row before the action
     kl_factor: float = 3.0  # alarm: KL per response above kl_factor x ppo.kl_target
     kl_max: Optional[float] = None  # alarm: KL per response (nats) above this; null = kl_factor x kl_target (off without one)
@@ -529,10 +531,14 @@ class GuardConfig:
     reward_drop: float = 1.0  # alarm: reward's moving mean below its best by this many warm-up reward stds
     reward_window: int = 5  # steps in the reward's moving mean
     warmup: int = 3  # first steps that set the truncation and reward baselines (no alarm on those two)
+    rollback_lr_factor: float = 0.5  # action=rollback: each rollback multiplies the learning rate by this (0 < f < 1)
+    max_rollbacks: int = 2  # action=rollback: rollbacks in one run before the guard stops it instead
 
     def __post_init__(self) -> None:
-        _one_of(self, "action", ("stop", "warn", "off"))
-        _positive(self, "patience", "kl_factor", "truncation_rise", "mismatch_max", "capped_max", "reward_drop",
+        _one_of(self, "action", ("stop", "rollback", "warn", "off"))
+        _check(0 < self.rollback_lr_factor < 1, "rollback_lr_factor",
+               f"must be between 0 and 1 (a rollback lowers the learning rate), got {self.rollback_lr_factor!r}")
+        _positive(self, "max_rollbacks", "patience", "kl_factor", "truncation_rise", "mismatch_max", "capped_max", "reward_drop",
                   "reward_window")
         _nonnegative(self, "warmup")
         _check(self.kl_max is None or self.kl_max > 0, "kl_max", f"must be > 0 or null, got {self.kl_max!r}")
@@ -645,6 +651,13 @@ class Config:
         _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
                f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.guard.action != "rollback" or self.checkpoint.every > 0, "guard.action",
+               "rollback goes back to the last good checkpoint, but checkpoint.every is 0 (none is written): "
+               "set checkpoint.every (e.g. 5) or use guard.action=stop")
+        # The newest checkpoint holds an update no step has judged yet; the one before it is the good one.
+        _check(self.guard.action != "rollback" or self.checkpoint.keep >= 2, "checkpoint.keep",
+               f"guard.action=rollback needs at least 2 (the newest checkpoint is not yet judged healthy), got "
+               f"{self.checkpoint.keep}")
         _check(self.ppo.prompts_per_step % lc.minibatch_prompts == 0, "ppo.prompts_per_step",
                f"{self.ppo.prompts_per_step} prompts are not whole minibatches of learner.minibatch_prompts="
                f"{lc.minibatch_prompts} prompts")

@@ -28,8 +28,8 @@ import torch
 
 from . import algo
 from .batch import pad_samples
-from .checkpoint import (Checkpoint, check_compatible, discard_checkpoints, fingerprint, load_checkpoint, refuse_to_replace,
-                         metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
+from .checkpoint import (Checkpoint, check_compatible, checkpoint_name, discard_checkpoints, fingerprint,
+                         load_checkpoint, refuse_to_replace, metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
 from .guard import DivergenceError, DivergenceGuard
@@ -180,6 +180,10 @@ class PPOTrainer:
                                            num_gpus=cfg.reference.num_gpus,
                                            placement=self.placement.options("reference"), restarts=restarts)
                     self._roles.append(("reference", self.reference))
+            # The guard's rollbacks lower the learning rate for the rest of the run, a resumed one too.
+            state = self.resumed_from.state if self.resumed_from is not None else {}
+            self.lr_scale = float(state.get("lr_scale", 1.0))
+            self.rollbacks: list[dict[str, Any]] = list(state.get("guard_rollbacks", []))
             with clock.stage("learner"):
                 self.learner = LearnerGroup(cfg, self.model_path, self.run_dir / "ray_train")
                 self.version = 0
@@ -220,6 +224,7 @@ class PPOTrainer:
         self.summary: dict[str, Any] = {}
         self.adapter_dir: Optional[Path] = None
         self.checkpoint_dir: Optional[Path] = None
+        self.good_checkpoint: Optional[Path] = self.resumed_from.path if self.resumed_from else None
         self.previous_records: list[dict[str, Any]] = []  # the steps before a resume
         if self.resumed_from is not None:
             self._restore_driver(self.resumed_from.state)
@@ -252,6 +257,7 @@ class PPOTrainer:
                 "order": list(self._order), "rng": random_state_to_json(self._rng.getstate()),
                 "metrics_lines": self.step_index, "bad_steps_in_row": self.bad_steps.in_row,
                 "bad_steps_total": self.bad_steps.total, "eval_before": self.evals.get("before"),
+                "lr_scale": self.lr_scale, "guard_rollbacks": self.rollbacks,
                 # Prompts already taken from the order for rollouts in flight (max_staleness > 0):
                 # a resume generates them again, with the checkpoint's adapter.
                 "pending": [[step, idx] for step, idx, _ in self._pending] + [list(p) for p in self._resume_pending],
@@ -337,7 +343,10 @@ class PPOTrainer:
         Returns the object-store ref of the adapter for the generators."""
         import ray
 
-        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner}))
+        # The run's learning rate, not the one in the checkpoint's optimizer state: a resume with a
+        # lower learner.lr, or a restart after a guard rollback, trains at the rate now in force.
+        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner,
+                                      "lr": self.cfg.learner.lr * self.lr_scale}))
         self.version, self.value_head = ck.adapter.version, ck.value_head
         return ray.put(ck.adapter)
 
@@ -362,6 +371,7 @@ class PPOTrainer:
         self.trackers.rewind(ck.step)
         self.fleet.publish(adapter_ref)
         self._restart_guard()
+        self.checkpoint_dir = self.good_checkpoint = ck.path
         return ck
 
     def _fill_pipeline(self) -> None:
@@ -419,6 +429,9 @@ class PPOTrainer:
         exp = self.maker.make(samples, kl_coef, timer, step=self.step_index)
         samples = exp.samples
         trained_on = self.version  # the adapter this step's update starts from
+        # What a healthy record vouches for: the adapter that generated its samples (with
+        # max_staleness 0 exactly this one), not the update this step is about to make.
+        start = (self.version, self.latest_adapter, dict(self.value_head))
         stale = sum(v != trained_on for v in samples.versions)
         updated = None
         bad = nonfinite_parts(exp)
@@ -449,7 +462,7 @@ class PPOTrainer:
         self.gauges.set(record)
         self.step_index += 1
         self.bad_steps.observe(bad, self.step_index - 1, self.checkpoint_dir)
-        self._watch(alarms, record["step"])
+        self._watch(alarms, record["step"], start)
         if cfg.output.save_every and self.step_index % cfg.output.save_every == 0 and not alarms:
             self.save_policy()
         # A step the guard doubts writes no checkpoint, so the newest one is from before the trouble.
@@ -465,31 +478,62 @@ class PPOTrainer:
                                      watch_truncation=cfg.ppo.truncated != "score")
         for r in self.previous_records:
             self.guard.check(r)
-        # The step, adapter and value head the guard last found healthy: what a stopped run keeps.
-        self._good: Optional[tuple[int, Any, dict]] = (self.step_index - 1, self.latest_adapter, dict(self.value_head)) if self.step_index else None
+        # (version, adapter ref, value head) the guard last found healthy: what a stopped run keeps.
+        self._good: Optional[tuple[int, Any, dict]] = (
+            (self.version, self.latest_adapter, dict(self.value_head)) if self.step_index else None)
 
-    def _watch(self, alarms: list[str], step: int) -> None:
-        """Warn of each alarm; past guard.patience alarmed steps in a row with guard.action=stop,
-        keep the last healthy step's adapter as ``<run>/adapter`` and stop the run."""
+    def _watch(self, alarms: list[str], step: int, start: tuple[int, Any, dict]) -> None:
+        """Warn of each alarm; past guard.patience alarmed steps in a row, stop the run (keeping
+        the last healthy adapter as ``<run>/adapter``) or, with guard.action=rollback, go back
+        to the last good checkpoint. A healthy step ``step`` vouches for the adapter its samples
+        came from, so for the checkpoint written just before it (``step-<step>``); a checkpoint
+        is written after a step, with that step's update, which no record has judged yet."""
         gc = self.cfg.guard
         if not alarms:
-            self._good = (step, self.latest_adapter, dict(self.value_head))
+            self._good = start
+            if self.checkpoint_dir is not None and self.checkpoint_dir.name == checkpoint_name(step):
+                self.good_checkpoint = self.checkpoint_dir
             return
         log.warning("PPO step %d may be diverging (%d step(s) in a row, guard.action=%s after guard.patience=%d): %s",
                     step, self.guard.in_row, gc.action, gc.patience, "; ".join(alarms))
-        if gc.action != "stop" or not self.guard.tripped:
+        if gc.action not in ("stop", "rollback") or not self.guard.tripped:
+            return
+        good = self.good_checkpoint if self.good_checkpoint is not None and self.good_checkpoint.is_dir() else None
+        if gc.action == "rollback" and len(self.rollbacks) < gc.max_rollbacks and good is not None:
+            self._roll_back(step, alarms, good)
             return
         kept = "no healthy step yet: no adapter kept"
         if self._good is not None:
-            good_step, ref, head = self._good
+            version, ref, head = self._good
             self.save_policy(ref, head)
-            kept = f"the adapter after step {good_step} (the last healthy one) saved to {self.adapter_dir}"
-        last = self.checkpoint_dir or "none written (checkpoint.every is 0)"
+            kept = (f"adapter version {version} (the newest whose samples the guard found healthy) saved to "
+                    f"{self.adapter_dir}")
+        last = good or "none (checkpoint.every is 0, or no checkpoint was followed by a healthy step)"
+        tried = ""
+        if gc.action == "rollback":
+            tried = (f" after {len(self.rollbacks)} rollback(s) (guard.max_rollbacks={gc.max_rollbacks}), learning "
+                     f"rate now {self.cfg.learner.lr * self.lr_scale:.3g}" if self.rollbacks else
+                     " with no good checkpoint to roll back to")
         raise DivergenceError(
-            f"stopped at PPO step {step}: {self.guard.in_row} steps in a row past the guard's limits "
+            f"stopped at PPO step {step}{tried}: {self.guard.in_row} steps in a row past the guard's limits "
             f"(guard.patience={gc.patience}): {'; '.join(alarms)}. Last good checkpoint: {last}; {kept}. "
-            "Lower learner.lr, raise ppo.kl_coef or lower rollout.max_staleness, resume with --resume; "
-            "guard.action=warn lets it run on")
+            f"Lower learner.lr, raise ppo.kl_coef or lower rollout.max_staleness, and resume with --resume "
+            f"{good or 'DIR'}; guard.action=warn lets it run on, guard.action=rollback goes back by itself")
+
+    def _roll_back(self, step: int, alarms: list[str], good: Path) -> None:
+        """guard.action=rollback: back to the last good checkpoint with the learning rate times
+        guard.rollback_lr_factor; the steps since are redone (the same prompts, in the same order)."""
+        gc = self.cfg.guard
+        scale, rollbacks = self.lr_scale * gc.rollback_lr_factor, self.rollbacks
+        event = {"at_step": step, "alarms": alarms, "lr": self.cfg.learner.lr * scale}
+        self.lr_scale = scale  # before the restore: the learner takes the lowered rate with the checkpoint
+        ck = self.restore_checkpoint(good)
+        discard_checkpoints(self.run_dir, ck.step)  # the abandoned steps': a --resume must not pick them
+        event["to_step"] = ck.step
+        self.rollbacks = rollbacks + [event]  # the checkpoint's driver state predates this rollback
+        log.warning("PPO step %d: rolled back to %s (step %d) with learner.lr %.3g (rollback %d of "
+                    "guard.max_rollbacks=%d); the steps since are redone", step, ck.path, ck.step, event["lr"],
+                    len(self.rollbacks), gc.max_rollbacks)
 
     def _record(self, exp: Experience, times: dict, updated: Optional[list], swaps: list, stale: int,
                 kl_coef: float) -> dict[str, Any]:
@@ -582,6 +626,8 @@ class PPOTrainer:
         records = list(self.previous_records)
         bar = tqdm(total=max(0, target - first), desc="ppo", unit="step", disable=not self.progress)
         self._stop_at = target
+        if self.cfg.guard.action == "rollback" and self.step_index == 0 and self.cfg.checkpoint.every:
+            self.save_checkpoint()  # the adapter before any update: a good point to roll back to
         while self.step_index < target:
             rec = self.step()
             # After a learner restart the run went back to a checkpoint: the steps since are redone.
@@ -627,7 +673,8 @@ class PPOTrainer:
             "checkpoint": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "resumed_from": str(self.resumed_from.path) if self.resumed_from else None,
             "bad_steps": self.bad_steps.total,
-            "guard_alarmed_steps": self.guard.total,
+            "guard_alarmed_steps": self.guard.total, "guard_rollbacks": self.rollbacks,
+            "lr_last": self.cfg.learner.lr * self.lr_scale,
             "rollout_replaced": len(self.fleet.replaced), "learner_restarts": self.learner.restarts,
             "eval": self.evals,
         }

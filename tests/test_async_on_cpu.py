@@ -102,7 +102,8 @@ def test_a_diverging_run_is_stopped_with_its_last_good_checkpoint_and_adapter(ma
                    "ppo.steps=12", "output.name=diverging")
     with PPOTrainer(cfg, progress=False) as tr:
         with pytest.raises(DivergenceError, match=r"stopped at PPO step (\d+): 2 steps in a row past the guard's "
-                                                  r"limits \(guard.patience=2\): .*Last good checkpoint: .*step-0"):
+                                                  r"limits \(guard.patience=2\): .*Last good checkpoint: .*step-0") as err:
+            tr.save_checkpoint()  # step 0's: this divergence shows from step 1, sampled with step 0's update
             tr.run(evaluate=False)
         records = [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
         last = records[-1]["step"]
@@ -110,8 +111,33 @@ def test_a_diverging_run_is_stopped_with_its_last_good_checkpoint_and_adapter(ma
         assert len(records) < 12 and records[-1]["guard"] and records[-2]["guard"]  # stopped early, on alarms
         assert any("may be diverging" in r.message and f"PPO step {records[-2]['step']}" in r.message
                    for r in caplog.records)
-        # Checkpoints only of healthy steps; the adapter kept is the newest healthy step's.
+        # Checkpoints only after healthy steps. A healthy step vouches for the adapter that generated
+        # its samples (S=0: version = step), so the good checkpoint and the adapter kept are the newest
+        # healthy step's own, not the update it then made (the first step that went wrong sampled that).
         kept = sorted(p.name for p in (tr.run_dir / "checkpoints").iterdir())
         assert kept[-1] == f"step-{max(good) + 1:06d}" and all(int(k[5:]) <= last for k in kept)
+        assert f"Last good checkpoint: {tr.run_dir / 'checkpoints' / f'step-{max(good):06d}'};" in str(err.value)
         saved = json.loads((tr.run_dir / "adapter" / "rlhf_ray_adapter.json").read_text())["version"]
-        assert saved == max(good) + 1 < tr.version
+        assert saved == max(good) < tr.version
+
+
+def test_guard_rollback_returns_to_the_last_good_checkpoint_with_a_lower_learning_rate(make_cfg, sft_model_dir,
+                                                                                       caplog):
+    """The same deliberate divergence with guard.action=rollback: the run goes back to its newest
+    (healthy) checkpoint, redoes the steps since at learner.lr x guard.rollback_lr_factor, and
+    finishes; the rollback is in the summary and the steps' records carry the lowered rate."""
+    cfg = make_cfg(*BASE, f"model.path={sft_model_dir}", "reward.rule=sentiment", "learner.lr=0.5",
+                   "learner.max_grad_norm=1000", "ppo.kl_target=1.0", "ppo.kl_coef=0.001", "guard.patience=2",
+                   "guard.warmup=1", "guard.action=rollback", "guard.rollback_lr_factor=0.002", "guard.max_rollbacks=1",
+                   "checkpoint.every=1", "checkpoint.keep=20", "ppo.steps=6", "output.name=rolled_back")
+    with PPOTrainer(cfg, progress=False) as tr:
+        records = tr.run(evaluate=False)
+        (rb,) = tr.summary["guard_rollbacks"]
+        assert rb["to_step"] <= rb["at_step"] - 1 and rb["lr"] == pytest.approx(0.001) and rb["alarms"]
+        assert any("rolled back to" in r.message and "learner.lr 0.001" in r.message for r in caplog.records)
+        # One record per step (the diverged ones were redone); lowered rate from the checkpoint on.
+        assert [r["step"] for r in records] == list(range(6))
+        assert [r["learner"]["lr"] for r in records] == [0.5] * rb["to_step"] + [pytest.approx(0.001)] * (6 - rb["to_step"])
+        assert not any(r["guard"] for r in records[rb["to_step"]:]) and tr.summary["lr_last"] == pytest.approx(0.001)
+        saved = json.loads((tr.checkpoint_dir / "state.json").read_text())
+        assert saved["lr_scale"] == pytest.approx(0.002) and len(saved["guard_rollbacks"]) == 1

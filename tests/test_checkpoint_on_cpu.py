@@ -157,3 +157,15 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, caplog):
     said = [r.message for r in caplog.records if "NaN or inf" in r.message]
     assert guard.total == 4 and len(said) == 4 and "update skipped" in said[0]
     assert "rest of the update dropped (1 bad step(s) in a row)" in said[1]
+
+
+def test_learner_restore_takes_the_rate_given_not_the_saved_one(tiny_cfg, tiny_model_dir):
+    """A resume with a lower learner.lr, or a guard rollback, trains at the rate given; the
+    optimizer state's own rate (the one it was saved with) is replaced."""
+    cfg, a, batch = _updated_core(tiny_cfg, tiny_model_dir)
+    saved = (a.adapter(1), a.value_head_state(), a.training_state())
+    _, b, _ = _updated_core(tiny_cfg, tiny_model_dir)
+    b.restore(*saved, lr=cfg.learner.lr / 4)
+    assert b.update(batch)["lr"] == pytest.approx(cfg.learner.lr / 4)
+    b.restore(*saved)  # no rate given: the saved one
+    assert b.update(batch)["lr"] == pytest.approx(cfg.learner.lr)

@@ -72,6 +72,8 @@ def test_defaults_without_file_and_roundtrip(tmp_path):
     ("data.chat_template=' chat.jinja'", "data.chat_template"),
     ("data.chat_template=''", "data.chat_template"),
     ("data.over_long=cut", "data.over_long"),
+    ("guard.rollback_lr_factor=1.0", "guard.rollback_lr_factor"),
+    ("guard.action=rollback", "checkpoint.every is 0"),  # nothing to roll back to
 ])
 def test_out_of_range_names_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

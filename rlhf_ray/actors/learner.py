@@ -132,6 +132,7 @@ class LearnerCore:
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["nonfinite_grad"] = float(nonfinite)
         stats["optimizer_steps"] = count
+        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])  # learner.lr, or lower after a guard rollback
         stats["logprob_shift"] = shift / max(shift_tokens, 1.0)
         stats["param_checksum"] = self.param_checksum()
         return stats
@@ -195,8 +196,10 @@ class LearnerCore:
         return _cpu_copy({"optimizer": self.optimizer.state_dict(), "minibatch_rng": self._gen.get_state(),
                           "torch_rng": torch.get_rng_state()})
 
-    def restore(self, adapter: AdapterVersion, value_head: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Continue from a checkpoint: adapter and head weights, optimizer state, RNGs."""
+    def restore(self, adapter: AdapterVersion, value_head: dict[str, torch.Tensor], state: dict[str, Any],
+                lr: Optional[float] = None) -> None:
+        """Continue from a checkpoint: adapter and head weights, optimizer state, RNGs; ``lr``
+        replaces the learning rate the optimizer state carries (the guard's rollback lowers it)."""
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.module.policy, adapter.tensors)
@@ -208,6 +211,9 @@ class LearnerCore:
                 raise ValueError("checkpoint has no value head, but ppo.estimator needs a critic")
             self.module.value_head.load_state_dict(value_head)
         self.optimizer.load_state_dict(state["optimizer"])
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self._gen.set_state(state["minibatch_rng"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -273,7 +279,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 out["compute_s"] = time.perf_counter() - t
                 outbox.put(("evaluated", request_id, rank, out))
             elif kind == "restore":
-                core.restore(batch["adapter"], batch["value_head"], batch["learner"])
+                core.restore(batch["adapter"], batch["value_head"], batch["learner"], batch.get("lr"))
                 outbox.put(("restored", request_id, rank, core.param_checksum()))
             elif kind == "update":
                 stats = core.update(batch, **(msg[4] if len(msg) > 4 else {}))
