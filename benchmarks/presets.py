@@ -65,6 +65,7 @@ def run_cell(base_yaml: str, layers: list[str], overrides: list[str]) -> dict[st
         except DivergenceError as e:
             out["stopped"] = str(e)
         before, after = tr.evals.get("before", {}), tr.evals.get("after")
+        out["rollbacks"] = [{k: r[k] for k in ("at_step", "to_step", "lr")} for r in tr.rollbacks]
         records = tr.all_records or [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
     out.update(
         judge_before=before.get("judge_score"), judge_after=after.get("judge_score") if after else None,

@@ -307,7 +307,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "memory": ("ppo_step", "run_memory"), "scaling": ("ppo_step", "run_scaling"),
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
     "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
-    "lora-targets": ("lora_targets", "run"),
+    "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
 }
 
 
@@ -331,7 +331,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 # `bench all`, in this order: the cheap ones first, so a failure shows early. The soak runs short
 # (--steps, default 5); `bench soak --steps 300` is the long one.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
-             "lora-targets", "presets"]
+             "lora-targets", "recipes", "presets"]
 
 
 def _bench_all(cfg: Config, args: argparse.Namespace) -> int:

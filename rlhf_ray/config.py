@@ -524,7 +524,7 @@ class GuardConfig:
     # alarm: share of responses cut at the length limit this far above the warm-up's (not with
     # ppo.truncated=score, where a cut response earns its score and running long is a strategy)
     truncation_rise: float = 0.3
-    # Measured on the default task (benchmarks/results/async.json): a healthy S=1 run mismatches by
+    # Measured on the default task (benchmarks/archive/async.json): a healthy S=1 run mismatches by
     # ~0.02 nats per token with 0.3% of weights over the cap; the S=2 run that collapsed by 0.39 and 2.6%.
     mismatch_max: float = 0.2  # alarm: generator/learner log-prob mismatch (k3, nats per token) above this
     capped_max: float = 0.1  # alarm: share of tokens whose importance weight exceeds ppo.tis_cap (with TIS on)
