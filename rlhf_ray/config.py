@@ -127,6 +127,32 @@ class LoraConfig:
                f"every entry must be a module name, got {self.target_modules!r}")
 
 
+# The fine-tuning methods of sft.method and rm.method (rlhf_ray/models/methods.py).
+METHODS = ("full", "lora", "dora", "ia3", "ssf", "repadapter")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Settings of the methods besides LoRA for sft.method and rm.method (LoRA and DoRA take
+    lora.rank, lora.alpha and lora.dropout). SSF scales and shifts a layer's output per channel;
+    RepAdapter adds a linear adapter in front of a layer; IA3 rescales activations (PEFT); all
+    fold exactly into the saved model."""
+
+    target_modules: Optional[List[str]] = None  # the Linear layers the method wraps (last names); null = lora.target_modules
+    repadapter_rank: int = 8  # RepAdapter's inner dimension (its dense down-projection's output)
+    repadapter_groups: int = 2  # RepAdapter's up-projection is block-diagonal in this many groups (divides the rank)
+    repadapter_scale: float = 1.0  # RepAdapter's output scale s in W (x + s U D x)
+    ia3_feedforward: List[str] = field(default_factory=lambda: ["down_proj"])  # IA3 scales these layers' inputs (the other targets' outputs)
+
+    def __post_init__(self) -> None:
+        _check(self.target_modules is None or (len(self.target_modules) > 0 and all(
+            isinstance(m, str) and m.strip() for m in self.target_modules)), "target_modules",
+               f"must name at least one module, or be null, got {self.target_modules!r}")
+        _positive(self, "repadapter_rank", "repadapter_groups", "repadapter_scale")
+        _check(self.repadapter_rank % self.repadapter_groups == 0, "repadapter_groups",
+               f"{self.repadapter_groups} does not divide peft.repadapter_rank={self.repadapter_rank}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Prompts for PPO, and how every loader treats records. None = the generated task."""
@@ -183,7 +209,7 @@ class SFTConfig:
     data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; null = the generated task
     num_examples: int = 2000  # how many records to generate (null data_path only)
     max_examples: Optional[int] = None  # read at most this many records of data_path (null = all of it)
-    mode: str = "full"  # full, or lora (the adapter is merged into the saved model)
+    method: str = "full"  # full | lora | dora | ia3 | ssf | repadapter: what trains (a method is merged into the saved model, and kept unmerged in sft_model/adapter)
     epochs: int = 2  # passes over the training records
     lr: float = 2e-3  # AdamW learning rate
     batch_size: int = 32  # rows per optimizer step over all workers
@@ -201,7 +227,7 @@ class SFTConfig:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_examples")
         _check_stage_workers(self)
-        _one_of(self, "mode", ("full", "lora"))
+        _one_of(self, "method", METHODS)
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         _seed(self)
 
@@ -215,7 +241,7 @@ class RMConfig:
     num_pairs: int = 1000  # how many pairs to generate (null data_path only)
     max_pairs: Optional[int] = None  # read at most this many records of data_path (null = all of it)
     base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
-    mode: str = "full"  # full, or lora (adapter + score head merged into the saved model)
+    method: str = "full"  # full | lora | dora | ia3 | ssf | repadapter: what trains besides the score head (merged on save, and kept unmerged in reward_model/adapter)
     use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
     epochs: int = 2  # passes over the training pairs
     lr: float = 1e-3  # AdamW learning rate
@@ -234,7 +260,7 @@ class RMConfig:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_pairs")
         _check_stage_workers(self)
-        _one_of(self, "mode", ("full", "lora"))
+        _one_of(self, "method", METHODS)
         _one_of(self, "base", ("sft", "model"))
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
         _seed(self)
@@ -627,6 +653,7 @@ class CheckpointConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -793,6 +820,8 @@ RENAMED_KEYS = {
     "rollout.num_actors": "rollout.num_engines",  # they are vLLM engines, not "the actor" (the policy) of OpenRLHF/verl
     "ppo.batch_size": "ppo.prompts_per_step",  # prompts, not samples: each brings rollout.samples_per_prompt
     "learner.minibatch_size": "learner.minibatch_prompts",  # prompts over all workers, not rows per worker
+    "sft.mode": "sft.method",  # one of several fine-tuning methods now, not a full/lora switch
+    "rm.mode": "rm.method",
 }
 RENAMED_VALUES = {"reference.mode": {"actor": "separate"}}
 _warned: set[str] = set()

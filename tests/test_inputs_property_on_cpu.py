@@ -307,7 +307,7 @@ def test_lora_targets_absent_from_the_model(model_cfg, tiny_model_dir):
         msg = str(err.value)
         assert msg.startswith(f"lora.target_modules: {missing} match no linear layer"), msg
         assert "'q_proj'" in msg and "'down_proj'" in msg and tiny_model_dir in msg, msg
-    # Without LoRA (sft.mode=full) the targets are not used, so not checked.
+    # Without an adapter method (sft.method=full) the targets are not used, so not checked.
     check_inputs(model_cfg("lora.target_modules=[nosuch]"), tiny_model_dir, tok, lora=False)
 
 

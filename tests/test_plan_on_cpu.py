@@ -234,5 +234,10 @@ def test_the_sft_and_reward_model_stages_are_planned_too():
     # Llama-3.1-8B's 128k vocabulary: the language-model loss's logits over 2,176 tokens, ~3.6 GiB.
     assert 3.3 < sft.parts["logits"] / 2**30 < 4.0 and rm.parts["logits"] == 0
     assert rm.parts["activations"] == 2 * sft.parts["activations"]  # a pair: two sequences a row
-    full = _make_plan(load_config(eight, ["sft.mode=full"]))[0]
-    assert any(p.startswith("sft-worker needs") and "sft.mode=lora" in p for p in full.problems)
+    full = _make_plan(load_config(eight, ["sft.method=full"]))[0]
+    assert any(p.startswith("sft-worker needs") and "sft.method=lora" in p for p in full.problems)
+    # Another method: its own trainable count in the plan (SSF on q/k/v/o: 2 x out per layer,
+    # Llama-3.1-8B's k and v 1,024 wide), fp32 with its gradient and two moments.
+    ssf = _make_plan(load_config(eight, ["sft.method=ssf"]))[0].stages[0]
+    n = 32 * 2 * (4096 + 1024 + 1024 + 4096)
+    assert f"method=ssf, {n:,} trainable" in ssf.note and ssf.parts["trainable"] == 16 * n

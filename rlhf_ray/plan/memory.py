@@ -103,18 +103,21 @@ def kv_cache_sequences(kv_cache_bytes: int, shape: ModelShape, dtype: str, max_m
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def stage_bytes(shape: ModelShape, *, dtype: str, mode: str, lora_rank: int, targets: list[str], micro_batch: int,
-                seq_len: int, checkpointing: bool, sequences_per_row: int, vocab_logits: bool) -> dict[str, int]:
+def stage_bytes(shape: ModelShape, *, dtype: str, spec, micro_batch: int, seq_len: int, checkpointing: bool,
+                sequences_per_row: int, vocab_logits: bool) -> dict[str, int]:
     """One worker of the SFT (``vocab_logits``: the language-model loss over every position) or
-    reward-model stage (``sequences_per_row`` 2: a pair), by part. ``mode`` lora: the frozen base
-    plus an fp32 adapter with its gradient and AdamW moments; full: every weight trains, its
-    gradient and both moments in the weights' dtype. Activations as for the learner (module doc);
-    full fine-tuning saves the input of every linear layer, as LoRA on all of them would."""
+    reward-model stage (``sequences_per_row`` 2: a pair), by part. ``spec`` (a
+    ``models.methods.MethodSpec``): a method (LoRA, DoRA, IA3, SSF, RepAdapter) keeps the base
+    frozen and trains its own fp32 tensors with their gradient and AdamW moments; ``full``
+    trains every weight, its gradient and both moments in the weights' dtype. Activations as for
+    the learner (module doc), the method's inner width standing for LoRA's rank; full fine-tuning
+    saves the input of every linear layer, as LoRA on all of them would."""
     b = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len * sequences_per_row
-    if mode == "lora":
-        per_layer = layer_activation_bytes_per_token(shape, dtype, lora_rank, targets)
-        weights, trainable = shape.total_params * b, 16 * shape.lora_params
+    if spec.method != "full":
+        inner = {"lora": spec.lora_rank, "dora": spec.lora_rank, "repadapter": spec.repadapter_rank}.get(spec.method, 0)
+        per_layer = layer_activation_bytes_per_token(shape, dtype, inner, list(spec.targets))
+        weights, trainable = shape.total_params * b, 16 * shape.method_params(spec)
     else:
         per_layer = layer_activation_bytes_per_token(shape, dtype, 0, ALL_LINEAR)
         weights, trainable = shape.total_params * b, 3 * shape.total_params * b

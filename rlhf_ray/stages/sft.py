@@ -1,6 +1,7 @@
 """`rlhf-ray sft`: supervised fine-tuning on prompt/response records, loss on the response
-(on the whole text for ``text``-only records). ``sft.mode=full`` trains every weight (what a
-randomly initialised tiny model needs); ``lora`` trains an adapter and merges it on save."""
+(on the whole text for ``text``-only records). ``sft.method=full`` trains every weight (what a
+randomly initialised tiny model needs); a method (lora, dora, ia3, ssf, repadapter) trains its
+own tensors and is merged into the saved model, and kept unmerged in ``sft_model/adapter``."""
 from __future__ import annotations
 
 import random
@@ -12,6 +13,7 @@ import torch
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..logs import redirect_output
+from ..models.methods import MethodSpec, apply_method
 from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import sft_dir
@@ -98,8 +100,8 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     clock = Clock()
     base = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base)
-    check_inputs(cfg, base, tokenizer, lora=sc.mode == "lora",
-                 outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
+    check_inputs(cfg, base, tokenizer, lora=sc.method != "full", targets=MethodSpec.from_config(cfg, sc.method).targets,
+                 targets_key=MethodSpec.targets_key(cfg, sc.method), outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
     records, report = sft_examples(cfg, renderer(cfg.data, tokenizer))
     report = report or LoadReport("generated task", read=len(records), kept=len(records))
     examples = encode(records, tokenizer, sc.max_seq_len, report, cfg.data.over_long)
@@ -111,7 +113,7 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     n_eval = int(len(examples) * sc.eval_fraction)
     held, train = examples[:n_eval], examples[n_eval:]
     out = sft_dir(cfg)
-    summary = {"stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
+    summary = {"stage": "sft", "base": base, "output": str(out), "method": sc.method, "data": report.to_dict(),
                "train_examples": len(train), "heldout_examples": len(held), "workers": sc.num_workers,
                "use_gpu": sc.use_gpu}
     return train_stage(cfg, "sft", _sft_worker, summary, clock,
@@ -122,7 +124,7 @@ def _sft_worker(config: dict) -> None:
     import ray.train
 
     from ..devices import train_device
-    from ..models import add_lora, load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm, load_tokenizer
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     sc = cfg.sft
@@ -133,8 +135,7 @@ def _sft_worker(config: dict) -> None:
     device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(sc.seed)
     model = load_causal_lm(base, cfg.model.dtype, device)
-    if sc.mode == "lora":
-        model = add_lora(model, cfg.lora)
+    model = apply_method(model, MethodSpec.from_config(cfg, sc.method))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     pad = load_tokenizer(base).pad_token_id
