@@ -409,6 +409,48 @@ def default_config() -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
+def _cmd_objective_data(cfg: Config, args: argparse.Namespace) -> int:
+    """A classification set in a FewCLUE shape -> <out>/<set>_sft.jsonl and <set>_prompts.jsonl."""
+    import json
+    from pathlib import Path
+
+    from .data.loaders import iter_records
+    from .data.objective import SHAPES, convert, shape_with
+
+    labels = None
+    if args.labels:
+        pairs = [x.split("=", 1) for x in args.labels.split(",")]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise ConfigError(f"--labels {args.labels!r}: expected value=word pairs, e.g. Positive=正面,Negative=负面")
+        labels = dict(pairs)
+    shape = shape_with(SHAPES[args.shape], labels)
+    name = args.set or args.shape
+    if args.template is not None:
+        try:
+            args.template.format(**{f: "" for f in shape.fields}, options="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"--template {args.template!r}: {type(e).__name__} {e}; a {args.shape} question may use "
+                              f"{', '.join('{' + f + '}' for f in (*shape.fields, 'options'))}") from None
+    read = list(iter_records(args.input, "--input"))
+    records = [rec for _, rec in read if isinstance(rec, dict)]
+    if len(records) < len(read):
+        print(f"warning: {len(read) - len(records)} lines of {args.input} are not JSON objects; left out")
+    sft, prompts, counts = convert(records, name, shape, args.template)
+    if not prompts:
+        raise ConfigError(f"--input {args.input}: none of its {counts['read']} records is a {args.shape} record "
+                          f"with a label ({counts['missing_column']} lack a column of {list(shape.fields)} + "
+                          f"{shape.label!r}, {counts['no_label']} have no label of {sorted(shape.words) or 'any'})")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, rows in (("sft", sft), ("prompts", prompts)):
+        (out / f"{name}_{suffix}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{args.input}: read {counts['read']}, kept {counts['kept']} ({counts['missing_column']} missing a column, "
+          f"{counts['no_label']} without a label); wrote {out / (name + '_sft.jsonl')} and "
+          f"{out / (name + '_prompts.jsonl')}")
+    print(f"e.g.: {prompts[0]['prompt']!r} -> {prompts[0]['answer']!r}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "validate a config and print it fully resolved"),
     "build-model": (_cmd_build_model, "build the tiny local model + tokenizer (or check model.path)"),
@@ -421,6 +463,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "doctor": (_cmd_doctor, "smoke test of this machine's devices in minutes: engine, adapter hot swap, log-probs, "
                             "one learner update, a two-rank all-reduce (run it first on a new GPU machine)"),
     "plan": (_cmd_plan, "per-actor memory and GPU placement from the model's config.json (no weights, no GPU)"),
+    "objective-data": (_cmd_objective_data, "a classification set in a FewCLUE shape (EPRSTMT, TNEWS, OCNLI, BUSTM) "
+                                            "as questions: SFT records and prompts with the answer, for label_match"),
 }
 
 
@@ -495,6 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from the newest checkpoint of DIR (a run directory, default this "
                                 "config's) or from DIR itself when it is a checkpoint")
+        if name == "objective-data":
+            from .data.objective import SHAPES
+
+            p.add_argument("--shape", required=True, choices=sorted(SHAPES), help="the set's FewCLUE record shape")
+            p.add_argument("--input", required=True, help="the set's JSON/JSONL file (or a `datasets` directory)")
+            p.add_argument("--output", required=True, help="folder for <set>_sft.jsonl and <set>_prompts.jsonl")
+            p.add_argument("--set", default=None, help="the set's name in the `set` column (default: the shape)")
+            p.add_argument("--template", default=None,
+                           help="the question, with the record's fields and {options} in braces (default: English)")
+            p.add_argument("--labels", default=None, help="label words, e.g. Positive=正面,Negative=负面")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")

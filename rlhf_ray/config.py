@@ -95,7 +95,7 @@ class ModelConfig:
     tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
     tiny_vocab: int = 512  # vocabulary of the tiny model's tokenizer (trained on tiny_corpus)
     tiny_max_positions: int = 256  # the tiny model's context length, in tokens
-    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews or math (data.task's)
+    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews, math or objective (data.task's)
     seed: int = 0  # seeds the tiny model's initialisation and the learner's value head
 
     def __post_init__(self) -> None:
@@ -157,7 +157,7 @@ class PeftConfig:
 class DataConfig:
     """Prompts for PPO, and how every loader treats records. None = the generated task."""
 
-    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment) or math (GSM8K-shaped)
+    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment), math (GSM8K-shaped) or objective (classification questions in four FewCLUE shapes)
     prompts_path: Optional[str] = None  # JSONL/JSON file, `datasets` dir or hub name: `prompt`, or text + label
     num_prompts: int = 256  # how many prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
@@ -270,7 +270,7 @@ class RMConfig:
 class EvalConfig:
     """The independent judge, run on held-out prompts before and after PPO."""
 
-    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (an `answer` column), or none
+    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (the final number of an `answer` column), label_match (the first word against an `answer` label word; accuracy per `set` column), or none
     prompts_path: Optional[str] = None  # null = generated prompts from the held-out subjects
     num_prompts: int = 128  # how many held-out prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)

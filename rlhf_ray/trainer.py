@@ -32,6 +32,7 @@ from .checkpoint import (Checkpoint, check_compatible, checkpoint_name, discard_
                          load_checkpoint, refuse_to_replace, metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
+from .data.objective import by_set
 from .guard import DivergenceError, DivergenceGuard
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
@@ -319,6 +320,9 @@ class PPOTrainer:
             out["judge_score"] = sum(v.score for v in verdicts) / len(verdicts)
             if hasattr(verdicts[0], "in_vocabulary"):
                 out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
+            if any("set" in c for c in samples.columns):  # several evaluation sets (objective questions)
+                per_set = by_set([v.score for v in verdicts], samples.columns)
+                out["judge_by_set"], out["judge_sets_mean"] = per_set, sum(per_set.values()) / len(per_set)
         out["examples"] = [{"prompt": p, "response": r, "reward": float(s),
                             **({"judge": verdicts[i].score} if verdicts else {})}
                            for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][::k][:8]

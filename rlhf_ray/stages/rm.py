@@ -36,9 +36,10 @@ def preference_data(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict], 
     (``data.chat_template``, as PPO renders its prompts, so the reward model reads what it will score)."""
     rc = cfg.rm
     if rc.data_path is None:
-        from ..data.task import preference_pairs
+        from ..data import objective, task
 
-        if cfg.data.task != "reviews":
+        preference_pairs = {"reviews": task.preference_pairs, "objective": objective.preference_pairs}.get(cfg.data.task)
+        if preference_pairs is None:
             raise ValueError(f"data.task={cfg.data.task} has no generated preference pairs: its reward is a function "
                              "(reward.functions); set rm.data_path to train a reward model on your own pairs")
         n_eval = max(32, int(rc.num_pairs * rc.eval_fraction))

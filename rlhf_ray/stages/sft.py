@@ -22,9 +22,10 @@ from . import sft_dir
 def sft_examples(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
     """The records; ``messages`` rendered by ``render`` (``data.chat_template``)."""
     if cfg.sft.data_path is None:
-        from ..data import math_task, task
+        from ..data import math_task, objective, task
 
-        make = {"reviews": task.sft_records, "math": math_task.sft_records}[cfg.data.task]
+        make = {"reviews": task.sft_records, "math": math_task.sft_records,
+                "objective": objective.sft_records}[cfg.data.task]
         return make(cfg.sft.num_examples, cfg.sft.seed), None
     from ..data.loaders import load_sft
 
