@@ -308,6 +308,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
     "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
     "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
+    "peft": ("peft", "run"),  # not in `bench all`: it needs the objective-question config
 }
 
 
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--samples", default="4,8", help="presets: samples per prompt of the grid")
             p.add_argument("--staleness", default="0,1", help="presets: rollout.max_staleness values of the grid")
             p.add_argument("--seeds", default="1", help="presets: seeds of every cell, e.g. 1,2,3 (the seed spread)")
+            p.add_argument("--methods", default=None,
+                           help="peft: which methods, e.g. lora,ssf (default: full,lora,dora,ia3,ssf,repadapter)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "

@@ -220,16 +220,17 @@ def _generated(n: int, seed: int, split: str) -> tuple[list[dict], list[dict]]:
     return [sft[i] for i in idx], [prompts[i] for i in idx]
 
 
-def sft_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Questions over all names and words, answered by a demonstrator wrong ``NOISE`` of the
+def sft_records(n: int, seed: int = 0, noise: float = NOISE, split: str = "all") -> list[dict[str, str]]:
+    """Questions over all names and words, answered by a demonstrator wrong ``noise`` of the
     time (another of the set's words): the SFT policy learns the format and answers right about
-    two times in three, what PPO with a reward that knows the answer can raise."""
+    two times in three, what PPO with a reward that knows the answer can raise. ``noise=0``:
+    a clean labelled training set (``split="train"``: without the held-out words)."""
     rng = random.Random(f"objective-sft-{seed}")
-    sft, prompts = _generated(n, seed, "all")
+    sft, prompts = _generated(n, seed, split)
     out = []
     for s, p in zip(sft, prompts):
         words = _words_of(p["set"])
-        answer = p["answer"] if rng.random() >= NOISE else rng.choice([w for w in words if w != p["answer"]])
+        answer = p["answer"] if rng.random() >= noise else rng.choice([w for w in words if w != p["answer"]])
         out.append({"prompt": s["prompt"], "response": " " + answer})
     return out
 

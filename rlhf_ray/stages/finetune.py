@@ -270,6 +270,17 @@ def save_model(model, tokenizer, out: Path, summary: dict[str, Any]) -> None:
     (out / "stage.json").write_text(json.dumps(summary, indent=2))
 
 
+def peak_memory(device) -> dict[str, int]:
+    """This worker's peak resident memory so far (the model load included) and, on a GPU, its
+    peak allocated CUDA memory: what a method's choice changes."""
+    import resource
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device is not None and torch.device(device).type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
 def write_summary(run_dir: Path, stage: str, summary: dict[str, Any]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / f"{stage}.json"

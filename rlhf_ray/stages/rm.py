@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..logs import redirect_output
 from ..models.methods import MethodSpec, apply_method
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import base_model, rm_dir
 
@@ -234,7 +234,7 @@ def _rm_worker(config: dict) -> None:
     out = Path(config["summary"]["output"])
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-               "heldout_before": before, "heldout_after": after, "normalizer": scale}
+               "heldout_before": before, "heldout_after": after, "normalizer": scale, **peak_memory(device)}
     save_model(model, tokenizer, out, summary)
     (out / NORMALIZER).write_text(json.dumps(scale))
 

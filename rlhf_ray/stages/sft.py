@@ -12,9 +12,10 @@ import torch
 
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
+from ..judging import GREEDY_JUDGES, eval_prompts, judge_greedy
 from ..logs import redirect_output
 from ..models.methods import MethodSpec, apply_method
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import sft_dir
 
@@ -117,8 +118,18 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     summary = {"stage": "sft", "base": base, "output": str(out), "method": sc.method, "data": report.to_dict(),
                "train_examples": len(train), "heldout_examples": len(held), "workers": sc.num_workers,
                "use_gpu": sc.use_gpu}
+    judged = None
+    if cfg.eval.judge in GREEDY_JUDGES:  # a task with answers: the judge before and after, greedy
+        ps = eval_prompts(cfg, tokenizer)
+        judged = (ps.ids, ps.columns)
     return train_stage(cfg, "sft", _sft_worker, summary, clock,
-                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress})
+                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress,
+                        "judged": judged})
+
+
+def _scores(judged: dict[str, Any]) -> dict[str, Any]:
+    """The judge's figures for the trackers (no counts or labels)."""
+    return {k: v for k, v in judged.items() if k in ("judge_score", "judge_sets_mean", "judge_by_set")}
 
 
 def _sft_worker(config: dict) -> None:
@@ -142,9 +153,18 @@ def _sft_worker(config: dict) -> None:
     pad = load_tokenizer(base).pad_token_id
     chunk = sc.micro_batch_size or sc.batch_size
     before = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+    judged = config.get("judged") if rank == 0 else None
+
+    def judge() -> dict[str, Any]:
+        from ..data.task import JUDGES
+
+        return judge_greedy(model, load_tokenizer(base), *judged, JUDGES[cfg.eval.judge],
+                            max_new_tokens=cfg.rollout.max_new_tokens, device=device)
+
+    judge_before = judge() if judged else None
     with stage_trackers(config, "sft", rank) as trackers:
         if trackers and before is not None:
-            trackers.log({"heldout_loss": before}, 0)
+            trackers.log({"heldout_loss": before, **({"judge": _scores(judge_before)} if judge_before else {})}, 0)
         ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
         history = train_epochs(ddp, params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr,
                                seed=sc.seed, loss_fn=lambda b: (_lm_loss_sum(ddp, b, pad, device), {}),
@@ -154,11 +174,14 @@ def _sft_worker(config: dict) -> None:
         if sc.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+        judge_after = judge() if judged else None
         if trackers and after is not None:
-            trackers.log({"heldout_loss": after}, len(history))
+            trackers.log({"heldout_loss": after, **({"judge": _scores(judge_after)} if judge_after else {})},
+                         len(history))
     if rank != 0:
         return
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-               "heldout_loss_before": before, "heldout_loss_after": after}
+               "heldout_loss_before": before, "heldout_loss_after": after, **peak_memory(device),
+               **({"judge_before": judge_before, "judge_after": judge_after} if judged else {})}
     save_model(model, load_tokenizer(base), Path(summary["output"]), summary)
