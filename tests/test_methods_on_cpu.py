@@ -126,3 +126,23 @@ def test_method_settings_and_old_key_names():
         load_config(None, ["sft.method=sff"])
     with pytest.raises(ConfigError, match="peft.repadapter_groups: 3 does not divide"):
         load_config(None, ["peft.repadapter_groups=3"])
+
+
+@pytest.mark.parametrize("method", ["ssf", "repadapter"])
+def test_only_the_method_trains_with_gradient_checkpointing(tiny_model_dir, ids, method):
+    """What the stages do (checkpointed backward, AdamW on the trainable parameters): the method's
+    tensors move, the base's do not."""
+    model = _model(tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, _spec(method, ("q_proj", "down_proj")))
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(params, before))
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if n in base_before)

@@ -95,3 +95,15 @@ def test_objective_data_command(tmp_path):
     assert rows == [{"prompt": rows[0]["prompt"], "answer": "是", "set": "bustm"}]
     bad = subprocess.run(cmd + ["--template", "{sentence} ?"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--template" in bad.stderr and "{sentence1}" in bad.stderr
+
+
+def test_report_has_accuracy_per_set_before_and_after():
+    from rlhf_ray.report import _by_set_table
+
+    judged = lambda a, b: {"judge_by_set": {"bustm": a, "ocnli": b}, "judge_sets_mean": (a + b) / 2}  # noqa: E731
+    text = _by_set_table({"judge_before": judged(0.5, 0.25), "judge_after": judged(0.75, 0.5)},
+                         {"eval": {"before": judged(0.7, 0.5), "after": judged(1.0, 0.5)}})
+    lines = text.splitlines()
+    assert lines[0] == "| set | before SFT | after SFT | before PPO | after PPO |"
+    assert lines[2] == "| bustm | 50.0% | 75.0% | 70.0% | 100.0% |" and lines[-1].startswith("| mean over sets | 37.5%")
+    assert _by_set_table({"judge_before": {"judge_score": 0.5}}, None) == ""  # no sets: no table
