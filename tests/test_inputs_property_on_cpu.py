@@ -341,8 +341,8 @@ def test_reward_model_vocab_is_checked_against_its_own_tokenizer(model_cfg, tiny
 
 
 @pytest.mark.parametrize("stage,overrides", [
-    ("sft", ["sft.mode=lora", "lora.target_modules=[q_proj, nosuch]"]),
-    ("rm", ["rm.base=model", "rm.mode=lora", "lora.target_modules=[lm_head]"]),  # a reward model has a score head
+    ("sft", ["sft.method=lora", "lora.target_modules=[q_proj, nosuch]"]),
+    ("rm", ["rm.base=model", "rm.method=lora", "lora.target_modules=[lm_head]"]),  # a reward model has a score head
     ("sft", ["output.dir=/dev/null/runs"]),
 ])
 def test_stages_check_before_starting_ray(model_cfg, monkeypatch, stage, overrides):
