@@ -344,6 +344,7 @@ def test_reward_model_vocab_is_checked_against_its_own_tokenizer(model_cfg, tiny
     ("sft", ["sft.method=lora", "lora.target_modules=[q_proj, nosuch]"]),
     ("rm", ["rm.base=model", "rm.method=lora", "lora.target_modules=[lm_head]"]),  # a reward model has a score head
     ("sft", ["output.dir=/dev/null/runs"]),
+    ("sft", ["sft.method=ssf", "peft.target_modules=[q_proj, nosuch]"]),  # named peft.target_modules
 ])
 def test_stages_check_before_starting_ray(model_cfg, monkeypatch, stage, overrides):
     from rlhf_ray.stages import rm, sft
