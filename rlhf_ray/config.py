@@ -447,8 +447,13 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     num_cpus_per_worker: float = 0.5  # Ray's logical CPUs per worker (bookkeeping)
+    # What PPO trains: lora (served as a LoRA adapter, hot-swapped), or ssf | repadapter | full, which
+    # vLLM cannot serve as an adapter: each version the learner merges them and publishes the changed
+    # layers' weights (peft.* settings; full needs reference.mode=separate)
+    method: str = "lora"
 
     def __post_init__(self) -> None:
+        _one_of(self, "method", ("lora", "ssf", "repadapter", "full"))
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
         _positive(self, "lr", "epochs", "minibatch_prompts", "micro_batch_size", "logprob_chunk_tokens",
                   "max_grad_norm")
@@ -678,6 +683,9 @@ class Config:
         _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
                f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.learner.method != "full" or self.reference.mode == "separate", "learner.method",
+               "full fine-tuning has no adapter to switch off for the reference: set reference.mode=separate "
+               "(a second copy of the model)")
         _check(self.guard.action != "rollback" or self.checkpoint.every > 0, "guard.action",
                "rollback goes back to the last good checkpoint, but checkpoint.every is 0 (none is written): "
                "set checkpoint.every (e.g. 5) or use guard.action=stop")

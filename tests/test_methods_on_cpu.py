@@ -146,3 +146,42 @@ def test_only_the_method_trains_with_gradient_checkpointing(tiny_model_dir, ids,
         opt.step()
     assert all(not torch.equal(p, q) for p, q in zip(params, before))
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if n in base_before)
+
+
+@pytest.mark.parametrize("method", ["ssf", "repadapter", "full"])
+def test_learner_trains_a_merged_weight_method_and_publishes_whole_fused_layers(tiny_cfg, tiny_model_dir, method):
+    """learner.method other than lora: the learner's policy is the method (the reference is the
+    base with it off), an update moves it, and a version carries the method's own tensors (what
+    checkpoints keep) and the merged weights, with every part of a fused layer it touches (q/k/v,
+    gate/up) and, for SSF, biases; restored into a fresh learner it makes the same weights."""
+    import dataclasses
+
+    from benchmarks.plan_check import _batch, _core
+    from transformers import AutoConfig
+
+    ref = "separate" if method == "full" else "shared_base"
+    cfg = dataclasses.replace(tiny_cfg, reference=dataclasses.replace(tiny_cfg.reference, mode=ref),
+                              peft=dataclasses.replace(tiny_cfg.peft, target_modules=["q_proj", "up_proj"]))
+    cfg, core = _core(cfg, tiny_model_dir, minibatch_prompts=2, micro_batch_size=2, method=method)
+    b = _batch(4, 6, 10, AutoConfig.from_pretrained(tiny_model_dir).vocab_size)
+    ev = core.evaluate(b)
+    if method != "full":  # the method starts as the identity: the reference is the policy itself
+        assert torch.allclose(ev["old_logprobs"], ev["ref_logprobs"], atol=1e-6)
+    b.old_logprobs, b.old_values = ev["old_logprobs"], ev["old_values"]
+    b.advantages = torch.randn(b.action_mask.shape, generator=torch.Generator().manual_seed(1)) * b.action_mask
+    b.returns = b.old_values + b.advantages
+    core.update(b)
+    v1 = core.adapter(1)
+    assert v1.peft_config["rlhf_ray_method"] == method and v1.merged
+    if method == "full":
+        assert "model.layers.0.mlp.down_proj.weight" in v1.merged
+    else:
+        layer = "model.layers.0."
+        sent = {k[len(layer):] for k in v1.merged if k.startswith(layer)}
+        parts = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+        assert sent == {f"{p}.weight" for p in parts} | ({f"{p}.bias" for p in parts} if method == "ssf" else set())
+        assert all(k.rsplit(".", 1)[-1].startswith(f"{method}_") for k in v1.tensors)
+    _, fresh = _core(cfg, tiny_model_dir, minibatch_prompts=2, micro_batch_size=2, method=method)
+    fresh.restore(v1, core.value_head_state(), core.training_state())
+    again = fresh.adapter(1).merged
+    assert all(torch.equal(again[k], v) for k, v in v1.merged.items())

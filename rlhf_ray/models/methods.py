@@ -20,6 +20,7 @@ for reuse; ``load_method`` puts it back on a base.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,14 @@ class SSFLinear(nn.Module):
 
     def __init__(self, base: nn.Linear):
         super().__init__()
-        self.base = base
+        self.base, self.disabled = base, False
         self.ssf_scale = nn.Parameter(torch.ones(base.out_features, device=base.weight.device))
         self.ssf_shift = nn.Parameter(torch.zeros(base.out_features, device=base.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.disabled:
+            return y
         return (y.to(self.ssf_scale.dtype) * self.ssf_scale + self.ssf_shift).to(y.dtype)
 
     @torch.no_grad()
@@ -106,7 +109,7 @@ class RepAdapterLinear(nn.Module):
         if rank % groups or d % groups:
             raise ValueError(f"peft.repadapter_groups={groups} must divide peft.repadapter_rank={rank} and the "
                              f"layer's input size {d}")
-        self.base, self.groups, self.scale = base, groups, scale
+        self.base, self.groups, self.scale, self.disabled = base, groups, scale, False
         dev = base.weight.device
         self.repadapter_down = nn.Parameter(torch.empty(rank, d, device=dev))
         nn.init.xavier_uniform_(self.repadapter_down)
@@ -118,6 +121,8 @@ class RepAdapterLinear(nn.Module):
         return torch.einsum("...gr,gor->...go", h, self.repadapter_up).flatten(-2)  # (..., in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         return self.base(x + (self.scale * self.delta(x)).to(x.dtype))
 
     def dense_up(self) -> torch.Tensor:
@@ -325,3 +330,83 @@ def method_params(linears: Iterable[tuple[str, int, int]], spec: MethodSpec) -> 
         elif spec.method == "repadapter":
             total += r * fan_in + fan_in * (r // g)
     return total
+
+
+# -- PPO with a method vLLM cannot serve: the learner publishes merged weights -----------------
+# Layers vLLM fuses into one (q/k/v -> qkv_proj, gate/up -> gate_up_proj): its in-place reload
+# rebuilds a fused layer from all of its parts, so a publish sends every part of a touched one.
+FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
+         "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"),
+         "up_proj": ("gate_proj", "up_proj")}
+
+
+class MethodPolicy(nn.Module):
+    """The part of PEFT's model interface the learner's policy uses (``get_base_model``,
+    ``disable_adapter``), for SSF, RepAdapter and full fine-tuning."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """The base alone: the reference policy without a second copy (SSF, RepAdapter)."""
+        wrapped = [m for m in self.model.modules() if isinstance(m, (SSFLinear, RepAdapterLinear))]
+        if not wrapped:
+            raise RuntimeError("full fine-tuning has no adapter to switch off for the reference: set "
+                               "reference.mode=separate")
+        for m in wrapped:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in wrapped:
+                m.disabled = False
+
+
+def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """What the generators load for the current weights, under transformers' names, on the CPU:
+    every parameter for full fine-tuning; else each wrapped layer merged, with the other parts
+    of a fused layer it belongs to, and (SSF) a zero bias where a sent layer has none, since the
+    engine's model has biases for the SSF groups (``ssf_engine_base``)."""
+    spec = method_of(model)
+    if spec is None:
+        return {n: p.detach().to("cpu", dtype or p.dtype, copy=True).contiguous() for n, p in model.state_dict().items()}
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, (SSFLinear, RepAdapterLinear))}
+    names = set(wrapped)
+    for n in wrapped:
+        parent, _, leaf = n.rpartition(".")
+        names.update(f"{parent}.{sib}" if parent else sib for sib in FUSED.get(leaf, ()))
+    out = {}
+    for n in sorted(names):
+        lin = wrapped[n].merged() if n in wrapped else model.get_submodule(n)
+        dt = dtype or lin.weight.dtype
+        out[f"{n}.weight"] = lin.weight.detach().to("cpu", dt, copy=True).contiguous()
+        if lin.bias is not None:
+            out[f"{n}.bias"] = lin.bias.detach().to("cpu", dt, copy=True).contiguous()
+        elif spec.method == "ssf":
+            out[f"{n}.bias"] = torch.zeros(lin.out_features, dtype=dt)
+    return out
+
+
+def ssf_engine_base(model_path: str, spec: MethodSpec, out: Path, dtype: str = "float32") -> Path:
+    """The base with an identity SSF merged in: the same outputs, plus zero biases in the SSF
+    groups (``attention_bias`` / ``mlp_bias`` on), so the engines have the bias parameters each
+    published version fills. Reused when ``out`` already holds it for the same base and spec."""
+    from transformers import AutoTokenizer
+
+    from .loading import load_causal_lm
+
+    out = Path(out)
+    marker = out / "rlhf_ray_engine_base.json"
+    key = {"base": str(model_path), **spec.to_json()}
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        return out
+    model = merge_method(apply_method(load_causal_lm(model_path, dtype), spec))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    marker.write_text(json.dumps(key))
+    return out
