@@ -79,6 +79,7 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
                 response_tokens: int) -> tuple[list[ActorPlan], float]:
     """Every actor of the run with its bytes; returns (actors, KV-cache sequences per generator)."""
     from ..algo.estimators import ESTIMATORS
+    from ..models.methods import MethodSpec
 
     dtype, lc, r = cfg.model.dtype, cfg.learner, cfg.rollout
     b = DTYPE_BYTES[dtype]
@@ -86,7 +87,9 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
     lb = learner_bytes(shape, dtype=dtype, lora_rank=cfg.lora.rank, targets=list(cfg.lora.target_modules),
                        critic=ESTIMATORS[cfg.ppo.estimator].needs_critic, micro_batch=lc.micro_batch_size,
                        seq_len=seq_len, response_tokens=response_tokens, chunk_tokens=lc.logprob_chunk_tokens,
-                       checkpointing=lc.gradient_checkpointing, truncation=r.top_p < 1 or r.top_k > 0)
+                       checkpointing=lc.gradient_checkpointing, truncation=r.top_p < 1 or r.top_k > 0,
+                       trainable=None if lc.method in ("lora", "full") else shape.method_params(
+                           MethodSpec.from_config(cfg, lc.method)), full=lc.method == "full")
     parts = {"weights": lb.weights, "adapter": lb.adapter, "gradients": lb.gradients, "optimizer": lb.optimizer,
              "value_head": lb.value_head, "activations": lb.activations, "recompute": lb.recompute,
              "logits": lb.logits,
