@@ -309,6 +309,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
     "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
     "peft": ("peft", "run"),  # not in `bench all`: it needs the objective-question config
+    "publish": ("publish", "run"),
 }
 
 
@@ -332,7 +333,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 # `bench all`, in this order: the cheap ones first, so a failure shows early. The soak runs short
 # (--steps, default 5); `bench soak --steps 300` is the long one.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
-             "lora-targets", "recipes", "presets"]
+             "lora-targets", "recipes", "presets", "publish"]
 
 
 def _bench_all(cfg: Config, args: argparse.Namespace) -> int:
@@ -513,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--staleness", default="0,1", help="presets: rollout.max_staleness values of the grid")
             p.add_argument("--seeds", default="1", help="presets: seeds of every cell, e.g. 1,2,3 (the seed spread)")
             p.add_argument("--methods", default=None,
-                           help="peft: which methods, e.g. lora,ssf (default: full,lora,dora,ia3,ssf,repadapter)")
+                           help="peft: which methods, e.g. lora,ssf (default: full,lora,dora,ia3,ssf,repadapter); "
+                                "publish: which learner.method (default: lora,ssf,repadapter,full)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "
