@@ -54,7 +54,8 @@ def fingerprint(cfg: Config, model_path: str) -> dict[str, Any]:
     return {"model_type": getattr(mc, "model_type", None), "hidden_size": getattr(mc, "hidden_size", None),
             "num_hidden_layers": getattr(mc, "num_hidden_layers", None), "vocab_size": getattr(mc, "vocab_size", None),
             "lora_rank": cfg.lora.rank, "lora_targets": sorted(cfg.lora.target_modules),
-            "estimator": cfg.ppo.estimator}
+            "estimator": cfg.ppo.estimator,
+            **({"method": cfg.learner.method} if cfg.learner.method != "lora" else {})}
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], adapter: AdapterVersion,

@@ -308,6 +308,8 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "compare-trl": ("compare_trl", "run"), "learner-memory": ("learner_memory", "run"),
     "soak": ("soak", "run"), "startup": ("startup", "run"), "presets": ("presets", "run"),
     "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
+    "peft": ("peft", "run"),  # not in `bench all`: it needs the objective-question config
+    "publish": ("publish", "run"),
 }
 
 
@@ -331,7 +333,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 # `bench all`, in this order: the cheap ones first, so a failure shows early. The soak runs short
 # (--steps, default 5); `bench soak --steps 300` is the long one.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
-             "lora-targets", "recipes", "presets"]
+             "lora-targets", "recipes", "presets", "publish"]
 
 
 def _bench_all(cfg: Config, args: argparse.Namespace) -> int:
@@ -409,6 +411,48 @@ def default_config() -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
+def _cmd_objective_data(cfg: Config, args: argparse.Namespace) -> int:
+    """A classification set in a FewCLUE shape -> <out>/<set>_sft.jsonl and <set>_prompts.jsonl."""
+    import json
+    from pathlib import Path
+
+    from .data.loaders import iter_records
+    from .data.objective import SHAPES, convert, shape_with
+
+    labels = None
+    if args.labels:
+        pairs = [x.split("=", 1) for x in args.labels.split(",")]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise ConfigError(f"--labels {args.labels!r}: expected value=word pairs, e.g. Positive=正面,Negative=负面")
+        labels = dict(pairs)
+    shape = shape_with(SHAPES[args.shape], labels)
+    name = args.set or args.shape
+    if args.template is not None:
+        try:
+            args.template.format(**{f: "" for f in shape.fields}, options="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"--template {args.template!r}: {type(e).__name__} {e}; a {args.shape} question may use "
+                              f"{', '.join('{' + f + '}' for f in (*shape.fields, 'options'))}") from None
+    read = list(iter_records(args.input, "--input"))
+    records = [rec for _, rec in read if isinstance(rec, dict)]
+    if len(records) < len(read):
+        print(f"warning: {len(read) - len(records)} lines of {args.input} are not JSON objects; left out")
+    sft, prompts, counts = convert(records, name, shape, args.template)
+    if not prompts:
+        raise ConfigError(f"--input {args.input}: none of its {counts['read']} records is a {args.shape} record "
+                          f"with a label ({counts['missing_column']} lack a column of {list(shape.fields)} + "
+                          f"{shape.label!r}, {counts['no_label']} have no label of {sorted(shape.words) or 'any'})")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, rows in (("sft", sft), ("prompts", prompts)):
+        (out / f"{name}_{suffix}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{args.input}: read {counts['read']}, kept {counts['kept']} ({counts['missing_column']} missing a column, "
+          f"{counts['no_label']} without a label); wrote {out / (name + '_sft.jsonl')} and "
+          f"{out / (name + '_prompts.jsonl')}")
+    print(f"e.g.: {prompts[0]['prompt']!r} -> {prompts[0]['answer']!r}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "validate a config and print it fully resolved"),
     "build-model": (_cmd_build_model, "build the tiny local model + tokenizer (or check model.path)"),
@@ -421,6 +465,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "doctor": (_cmd_doctor, "smoke test of this machine's devices in minutes: engine, adapter hot swap, log-probs, "
                             "one learner update, a two-rank all-reduce (run it first on a new GPU machine)"),
     "plan": (_cmd_plan, "per-actor memory and GPU placement from the model's config.json (no weights, no GPU)"),
+    "objective-data": (_cmd_objective_data, "a classification set in a FewCLUE shape (EPRSTMT, TNEWS, OCNLI, BUSTM) "
+                                            "as questions: SFT records and prompts with the answer, for label_match"),
 }
 
 
@@ -467,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--samples", default="4,8", help="presets: samples per prompt of the grid")
             p.add_argument("--staleness", default="0,1", help="presets: rollout.max_staleness values of the grid")
             p.add_argument("--seeds", default="1", help="presets: seeds of every cell, e.g. 1,2,3 (the seed spread)")
+            p.add_argument("--methods", default=None,
+                           help="peft: which methods, e.g. lora,ssf (default: full,lora,dora,ia3,ssf,repadapter); "
+                                "publish: which learner.method (default: lora,ssf,repadapter,full)")
             p.add_argument("--before", default=None, help="learner-memory: also measure this git revision's learner")
             p.add_argument("--plan-checks", action=argparse.BooleanOptionalAction, default=True,
                            help="memory: also check the planner against torch and vLLM (tests/test_plan_on_cpu.py "
@@ -495,6 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from the newest checkpoint of DIR (a run directory, default this "
                                 "config's) or from DIR itself when it is a checkpoint")
+        if name == "objective-data":
+            from .data.objective import SHAPES
+
+            p.add_argument("--shape", required=True, choices=sorted(SHAPES), help="the set's FewCLUE record shape")
+            p.add_argument("--input", required=True, help="the set's JSON/JSONL file (or a `datasets` directory)")
+            p.add_argument("--output", required=True, help="folder for <set>_sft.jsonl and <set>_prompts.jsonl")
+            p.add_argument("--set", default=None, help="the set's name in the `set` column (default: the shape)")
+            p.add_argument("--template", default=None,
+                           help="the question, with the record's fields and {options} in braces (default: English)")
+            p.add_argument("--labels", default=None, help="label words, e.g. Positive=正面,Negative=负面")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: generated ones")
             p.add_argument("--num", type=int, default=4, help="number of generated prompts")

@@ -95,7 +95,7 @@ class ModelConfig:
     tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
     tiny_vocab: int = 512  # vocabulary of the tiny model's tokenizer (trained on tiny_corpus)
     tiny_max_positions: int = 256  # the tiny model's context length, in tokens
-    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews or math (data.task's)
+    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews, math or objective (data.task's)
     seed: int = 0  # seeds the tiny model's initialisation and the learner's value head
 
     def __post_init__(self) -> None:
@@ -127,11 +127,37 @@ class LoraConfig:
                f"every entry must be a module name, got {self.target_modules!r}")
 
 
+# The fine-tuning methods of sft.method and rm.method (rlhf_ray/models/methods.py).
+METHODS = ("full", "lora", "dora", "ia3", "ssf", "repadapter")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Settings of the methods besides LoRA for sft.method and rm.method (LoRA and DoRA take
+    lora.rank, lora.alpha and lora.dropout). SSF scales and shifts a layer's output per channel;
+    RepAdapter adds a linear adapter in front of a layer; IA3 rescales activations (PEFT); all
+    fold exactly into the saved model."""
+
+    target_modules: Optional[List[str]] = None  # the Linear layers the method wraps (last names); null = lora.target_modules
+    repadapter_rank: int = 8  # RepAdapter's inner dimension (its dense down-projection's output)
+    repadapter_groups: int = 2  # RepAdapter's up-projection is block-diagonal in this many groups (divides the rank)
+    repadapter_scale: float = 1.0  # RepAdapter's output scale s in W (x + s U D x)
+    ia3_feedforward: List[str] = field(default_factory=lambda: ["down_proj"])  # IA3 scales these layers' inputs (the other targets' outputs)
+
+    def __post_init__(self) -> None:
+        _check(self.target_modules is None or (len(self.target_modules) > 0 and all(
+            isinstance(m, str) and m.strip() for m in self.target_modules)), "target_modules",
+               f"must name at least one module, or be null, got {self.target_modules!r}")
+        _positive(self, "repadapter_rank", "repadapter_groups", "repadapter_scale")
+        _check(self.repadapter_rank % self.repadapter_groups == 0, "repadapter_groups",
+               f"{self.repadapter_groups} does not divide peft.repadapter_rank={self.repadapter_rank}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Prompts for PPO, and how every loader treats records. None = the generated task."""
 
-    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment) or math (GSM8K-shaped)
+    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment), math (GSM8K-shaped) or objective (classification questions in four FewCLUE shapes)
     prompts_path: Optional[str] = None  # JSONL/JSON file, `datasets` dir or hub name: `prompt`, or text + label
     num_prompts: int = 256  # how many prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
@@ -183,7 +209,7 @@ class SFTConfig:
     data_path: Optional[str] = None  # JSONL/JSON or `datasets` dir; null = the generated task
     num_examples: int = 2000  # how many records to generate (null data_path only)
     max_examples: Optional[int] = None  # read at most this many records of data_path (null = all of it)
-    mode: str = "full"  # full, or lora (the adapter is merged into the saved model)
+    method: str = "full"  # full | lora | dora | ia3 | ssf | repadapter: what trains (a method is merged into the saved model, and kept unmerged in sft_model/adapter)
     epochs: int = 2  # passes over the training records
     lr: float = 2e-3  # AdamW learning rate
     batch_size: int = 32  # rows per optimizer step over all workers
@@ -201,7 +227,7 @@ class SFTConfig:
         _positive(self, "num_examples", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_examples")
         _check_stage_workers(self)
-        _one_of(self, "mode", ("full", "lora"))
+        _one_of(self, "method", METHODS)
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         _seed(self)
 
@@ -215,7 +241,7 @@ class RMConfig:
     num_pairs: int = 1000  # how many pairs to generate (null data_path only)
     max_pairs: Optional[int] = None  # read at most this many records of data_path (null = all of it)
     base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
-    mode: str = "full"  # full, or lora (adapter + score head merged into the saved model)
+    method: str = "full"  # full | lora | dora | ia3 | ssf | repadapter: what trains besides the score head (merged on save, and kept unmerged in reward_model/adapter)
     use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
     epochs: int = 2  # passes over the training pairs
     lr: float = 1e-3  # AdamW learning rate
@@ -234,7 +260,7 @@ class RMConfig:
         _positive(self, "num_pairs", "epochs", "lr", "batch_size", "max_seq_len")
         _cap(self, "max_pairs")
         _check_stage_workers(self)
-        _one_of(self, "mode", ("full", "lora"))
+        _one_of(self, "method", METHODS)
         _one_of(self, "base", ("sft", "model"))
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
         _seed(self)
@@ -244,7 +270,7 @@ class RMConfig:
 class EvalConfig:
     """The independent judge, run on held-out prompts before and after PPO."""
 
-    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (an `answer` column), or none
+    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (the final number of an `answer` column), label_match (the first word against an `answer` label word; accuracy per `set` column), or none
     prompts_path: Optional[str] = None  # null = generated prompts from the held-out subjects
     num_prompts: int = 128  # how many held-out prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
@@ -421,8 +447,13 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 2048  # response tokens whose full-vocabulary logits exist at once
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     num_cpus_per_worker: float = 0.5  # Ray's logical CPUs per worker (bookkeeping)
+    # What PPO trains: lora (served as a LoRA adapter, hot-swapped), or ssf | repadapter | full, which
+    # vLLM cannot serve as an adapter: each version the learner merges them and publishes the changed
+    # layers' weights (peft.* settings; full needs reference.mode=separate)
+    method: str = "lora"
 
     def __post_init__(self) -> None:
+        _one_of(self, "method", ("lora", "ssf", "repadapter", "full"))
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
         _positive(self, "lr", "epochs", "minibatch_prompts", "micro_batch_size", "logprob_chunk_tokens",
                   "max_grad_norm")
@@ -627,6 +658,7 @@ class CheckpointConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -651,6 +683,9 @@ class Config:
         _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
                f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.learner.method != "full" or self.reference.mode == "separate", "learner.method",
+               "full fine-tuning has no adapter to switch off for the reference: set reference.mode=separate "
+               "(a second copy of the model)")
         _check(self.guard.action != "rollback" or self.checkpoint.every > 0, "guard.action",
                "rollback goes back to the last good checkpoint, but checkpoint.every is 0 (none is written): "
                "set checkpoint.every (e.g. 5) or use guard.action=stop")
@@ -793,6 +828,8 @@ RENAMED_KEYS = {
     "rollout.num_actors": "rollout.num_engines",  # they are vLLM engines, not "the actor" (the policy) of OpenRLHF/verl
     "ppo.batch_size": "ppo.prompts_per_step",  # prompts, not samples: each brings rollout.samples_per_prompt
     "learner.minibatch_size": "learner.minibatch_prompts",  # prompts over all workers, not rows per worker
+    "sft.mode": "sft.method",  # one of several fine-tuning methods now, not a full/lora switch
+    "rm.mode": "rm.method",
 }
 RENAMED_VALUES = {"reference.mode": {"actor": "separate"}}
 _warned: set[str] = set()

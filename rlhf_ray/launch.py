@@ -483,9 +483,10 @@ class LearnerGroup:
         """Optimizer and RNG state for a checkpoint (rank 0's; the ranks hold the same)."""
         return self._ray.get(self._request("state", "state")[0][0])
 
-    def restore(self, checkpoint_ref) -> list[float]:
-        """Every rank loads a checkpoint; returns each rank's parameter checksum."""
-        return self._request("restore", "restored", checkpoint_ref)
+    def restore(self, checkpoint_ref, version: Optional[int] = None) -> list[dict]:
+        """Every rank loads a checkpoint; returns each rank's parameter checksum and, from rank 0
+        with a merged-weight method, a [ref] to that version as the generators load it."""
+        return self._request("restore", "restored", checkpoint_ref, version)
 
     def stop(self) -> None:
         if self._thread.is_alive():

@@ -135,6 +135,21 @@ def _eval_rows(ev: dict) -> list[list[Any]]:
     return rows
 
 
+def _by_set_table(sft: Optional[dict], ppo: Optional[dict]) -> str:
+    """Accuracy per set before and after SFT and PPO, where the evaluation has sets."""
+    ev = (ppo or {}).get("eval", {})
+    cols = [("before SFT", (sft or {}).get("judge_before")), ("after SFT", (sft or {}).get("judge_after")),
+            ("before PPO", ev.get("before")), ("after PPO", ev.get("after"))]
+    cols = [(name, e) for name, e in cols if e and "judge_by_set" in e]
+    if not cols:
+        return ""
+    sets = sorted({k for _, e in cols for k in e["judge_by_set"]})
+    rows = [[s] + [f"{100 * e['judge_by_set'][s]:.1f}%" if s in e["judge_by_set"] else "-" for _, e in cols]
+            for s in sets]
+    rows.append(["mean over sets"] + [f"{100 * e['judge_sets_mean']:.1f}%" for _, e in cols])
+    return _table(["set"] + [name for name, _ in cols], rows)
+
+
 def render(run_dir: Path, name: str) -> str:
     sft, rm, ppo = (_load(run_dir / f"{s}.json") for s in ("sft", "rm", "ppo"))
     pipeline = _load(run_dir / "pipeline.json")
@@ -152,13 +167,13 @@ def render(run_dir: Path, name: str) -> str:
     stage_rows = []
     if sft:
         stage_rows.append(["SFT", f"{sft['time_s']:.1f}",
-                           f"{sft['mode']}, {sft['train_examples']} examples, {sft['steps']} steps; held-out loss "
+                           f"{sft.get('method', sft.get('mode'))}, {sft['train_examples']} examples, {sft['steps']} steps; held-out loss "
                            f"{sft['heldout_loss_before'] or float('nan'):.3f} -> {sft['heldout_loss_after'] or float('nan'):.3f}"
                            f"{heldout_note(sft.get('heldout_examples'), 'examples')}"])
     if rm:
         b, a = rm["heldout_before"], rm["heldout_after"]
         stage_rows.append(["reward model", f"{rm['time_s']:.1f}",
-                           f"{rm['mode']}, {rm['train_pairs']} pairs, {rm['steps']} steps, margin "
+                           f"{rm.get('method', rm.get('mode'))}, {rm['train_pairs']} pairs, {rm['steps']} steps, margin "
                            f"{'on' if rm['use_margin'] else 'off'}; held-out accuracy {b['accuracy']:.3f} -> "
                            f"{a['accuracy']:.3f}{heldout_note(a.get('pairs'), 'pairs')}, reward gap "
                            f"{a['reward_gap']:.2f} (raw scale)"])
@@ -188,6 +203,12 @@ def render(run_dir: Path, name: str) -> str:
                 out += [f"- `{x['prompt']}` -> `{x['response'].strip()}` (reward {x['reward']:.2f}"
                         + (f", judge {x['judge']:.0f}" if "judge" in x else "") + ")" for x in e["examples"][:5]]
                 out += [""]
+    by_set = _by_set_table(sft, ppo)
+    if by_set:
+        out += ["## Accuracy per set", "",
+                "The judge per evaluation set (the `set` column) and the mean over sets. SFT columns: greedy "
+                "decoding on the SFT stage's model; PPO columns: samples from the engines at the rollout's "
+                "temperature.", "", by_set, ""]
     if records:
         out += ["## PPO per step", "", "![reward](plots/reward.png) ![kl](plots/kl.png) "
                 "![entropy](plots/entropy.png) ![clip_frac](plots/clip_frac.png) "

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -25,10 +25,13 @@ class AdapterVersion:
     version: int
     tensors: dict[str, torch.Tensor]
     peft_config: dict[str, Any]
+    # learner.method ssf | repadapter | full: ``tensors`` are the method's own (what checkpoints
+    # keep, PEFT-like), ``merged`` the weights the generators load (the layers it changed).
+    merged: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in (self.merged or self.tensors).values())
 
 
 def extract_adapter(peft_model, version: int) -> AdapterVersion:
@@ -42,6 +45,19 @@ def extract_adapter(peft_model, version: int) -> AdapterVersion:
     # PEFT keeps target_modules as a set; JSON (and vLLM's reader) want a list.
     cfg = json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
     return AdapterVersion(version=version, tensors=tensors, peft_config=cfg)
+
+
+def extract_method(model, version: int, dtype: Optional[torch.dtype] = None) -> AdapterVersion:
+    """A version of a policy trained with SSF, RepAdapter or full fine-tuning: its own tensors
+    (all weights for full) and the merged weights the generators load, in ``dtype``."""
+    from .models.methods import merged_tensors, method_of, method_state
+
+    spec = method_of(model)
+    merged = merged_tensors(model, dtype)
+    if spec is None:  # full: the merged weights are the policy's own
+        return AdapterVersion(version, merged, {"rlhf_ray_method": "full"}, merged=merged)
+    return AdapterVersion(version, method_state(model), {"rlhf_ray_method": spec.method, **spec.to_json()},
+                          merged=merged)
 
 
 def adapter_root(need_bytes: int = 0) -> tuple[Path, str]:

@@ -32,6 +32,7 @@ from .checkpoint import (Checkpoint, check_compatible, checkpoint_name, discard_
                          load_checkpoint, refuse_to_replace, metrics_prefix, random_state_from_json, random_state_to_json, save_checkpoint)
 from .config import Config, dump_config
 from .experience import Experience, ExperienceMaker
+from .data.objective import by_set
 from .guard import DivergenceError, DivergenceGuard
 from .fleet import PendingRollout, RolloutFleet, request_seed
 from .launch import LearnerGroup, LearnerRestarted, RoleFailed, RolePlacement, call, connect, preflight, spawn
@@ -124,6 +125,14 @@ class PPOTrainer:
         # The engines hold KV cache for the longest sequence this run can make, not the model's context.
         self.max_model_len = max(len(p) for p in self.prompt_ids + self.eval_ids) + cfg.rollout.max_new_tokens
         self.fingerprint = fingerprint(cfg, self.model_path)
+        self.engine_path = self.model_path
+        if cfg.learner.method == "ssf":
+            # The engines need bias parameters for SSF's shift to land in: the base with an identity
+            # SSF merged in (the same outputs, zero biases in the SSF layers' groups).
+            from .models.methods import MethodSpec, ssf_engine_base
+
+            self.engine_path = str(ssf_engine_base(self.model_path, MethodSpec.from_config(cfg, "ssf"),
+                                                   self.run_dir / "engine_base", cfg.model.dtype))
         self.resumed_from: Optional[Checkpoint] = None
         if resume is not None:
             self.resumed_from = load_checkpoint(resume)
@@ -160,7 +169,7 @@ class PPOTrainer:
             # the GPUs it leaves (see RolePlacement).
             with clock.stage("placement"):
                 self.placement = RolePlacement(cfg, self._timeout)
-            self.fleet = RolloutFleet(cfg, self.model_path, max_model_len=self.max_model_len,
+            self.fleet = RolloutFleet(cfg, self.engine_path, max_model_len=self.max_model_len,
                                       timeout_s=self._timeout, placement=self.placement)
             with clock.stage("spawn"):
                 self.fleet.launch()
@@ -319,6 +328,9 @@ class PPOTrainer:
             out["judge_score"] = sum(v.score for v in verdicts) / len(verdicts)
             if hasattr(verdicts[0], "in_vocabulary"):
                 out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
+            if any("set" in c for c in samples.columns):  # several evaluation sets (objective questions)
+                per_set = by_set([v.score for v in verdicts], samples.columns)
+                out["judge_by_set"], out["judge_sets_mean"] = per_set, sum(per_set.values()) / len(per_set)
         out["examples"] = [{"prompt": p, "response": r, "reward": float(s),
                             **({"judge": verdicts[i].score} if verdicts else {})}
                            for i, (p, r, s) in enumerate(zip(samples.prompts, samples.responses, scores))][::k][:8]
@@ -345,10 +357,12 @@ class PPOTrainer:
 
         # The run's learning rate, not the one in the checkpoint's optimizer state: a resume with a
         # lower learner.lr, or a restart after a guard rollback, trains at the rate now in force.
-        self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head, "learner": ck.learner,
-                                      "lr": self.cfg.learner.lr * self.lr_scale}))
+        replies = self.learner.restore(ray.put({"adapter": ck.adapter, "value_head": ck.value_head,
+                                                "learner": ck.learner, "lr": self.cfg.learner.lr * self.lr_scale}),
+                                       ck.adapter.version)
         self.version, self.value_head = ck.adapter.version, ck.value_head
-        return ray.put(ck.adapter)
+        merged = replies[0].get("adapter") if replies and isinstance(replies[0], dict) else None
+        return _own(merged[0]) if merged else ray.put(ck.adapter)
 
     def _back_to_checkpoint(self, why: LearnerRestarted) -> None:
         path = self.checkpoint_dir or (self.resumed_from.path if self.resumed_from else None)

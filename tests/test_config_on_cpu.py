@@ -22,7 +22,7 @@ def test_tiny_config_sections_and_overrides():
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.cluster.address == "auto"
     assert {f.name for f in dataclasses.fields(cfg)} == {
-        "model", "lora", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "guard",
+        "model", "lora", "peft", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "guard",
         "eval", "cluster", "output", "checkpoint"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.ppo.clip_eps = 0.3  # type: ignore[misc]

@@ -142,8 +142,8 @@ def test_loader_config_is_checked():
 
     with pytest.raises(ConfigError, match="data.on_bad_record: must be 'skip' or 'error'"):
         load_config(None, ["data.on_bad_record=ignore"])
-    with pytest.raises(ConfigError, match="sft.mode: must be 'full' or 'lora'"):
-        load_config(None, ["sft.mode=qlora"])
+    with pytest.raises(ConfigError, match="sft.method: must be one of 'full', 'lora', 'dora', 'ia3', 'ssf'"):
+        load_config(None, ["sft.method=qlora"])
     with pytest.raises(ConfigError, match="eval.judge: must be one of"):
         load_config(None, ["eval.judge=gpt4"])
 

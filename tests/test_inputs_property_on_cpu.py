@@ -307,7 +307,7 @@ def test_lora_targets_absent_from_the_model(model_cfg, tiny_model_dir):
         msg = str(err.value)
         assert msg.startswith(f"lora.target_modules: {missing} match no linear layer"), msg
         assert "'q_proj'" in msg and "'down_proj'" in msg and tiny_model_dir in msg, msg
-    # Without LoRA (sft.mode=full) the targets are not used, so not checked.
+    # Without an adapter method (sft.method=full) the targets are not used, so not checked.
     check_inputs(model_cfg("lora.target_modules=[nosuch]"), tiny_model_dir, tok, lora=False)
 
 
@@ -341,9 +341,10 @@ def test_reward_model_vocab_is_checked_against_its_own_tokenizer(model_cfg, tiny
 
 
 @pytest.mark.parametrize("stage,overrides", [
-    ("sft", ["sft.mode=lora", "lora.target_modules=[q_proj, nosuch]"]),
-    ("rm", ["rm.base=model", "rm.mode=lora", "lora.target_modules=[lm_head]"]),  # a reward model has a score head
+    ("sft", ["sft.method=lora", "lora.target_modules=[q_proj, nosuch]"]),
+    ("rm", ["rm.base=model", "rm.method=lora", "lora.target_modules=[lm_head]"]),  # a reward model has a score head
     ("sft", ["output.dir=/dev/null/runs"]),
+    ("sft", ["sft.method=ssf", "peft.target_modules=[q_proj, nosuch]"]),  # named peft.target_modules
 ])
 def test_stages_check_before_starting_ray(model_cfg, monkeypatch, stage, overrides):
     from rlhf_ray.stages import rm, sft

@@ -234,5 +234,25 @@ def test_the_sft_and_reward_model_stages_are_planned_too():
     # Llama-3.1-8B's 128k vocabulary: the language-model loss's logits over 2,176 tokens, ~3.6 GiB.
     assert 3.3 < sft.parts["logits"] / 2**30 < 4.0 and rm.parts["logits"] == 0
     assert rm.parts["activations"] == 2 * sft.parts["activations"]  # a pair: two sequences a row
-    full = _make_plan(load_config(eight, ["sft.mode=full"]))[0]
-    assert any(p.startswith("sft-worker needs") and "sft.mode=lora" in p for p in full.problems)
+    full = _make_plan(load_config(eight, ["sft.method=full"]))[0]
+    assert any(p.startswith("sft-worker needs") and "sft.method=lora" in p for p in full.problems)
+    # Another method: its own trainable count in the plan (SSF on q/k/v/o: 2 x out per layer,
+    # Llama-3.1-8B's k and v 1,024 wide), fp32 with its gradient and two moments.
+    ssf = _make_plan(load_config(eight, ["sft.method=ssf"]))[0].stages[0]
+    n = 32 * 2 * (4096 + 1024 + 1024 + 4096)
+    assert f"method=ssf, {n:,} trainable" in ssf.note and ssf.parts["trainable"] == 16 * n
+
+
+def test_publish_bytes_per_method():
+    """What a version sends to each generator at 7B (bf16): LoRA r16's fp32 tensors, SSF's and
+    RepAdapter's merged q/k/v/o (SSF with biases), or every weight (~13.5 GB) for full."""
+    from rlhf_ray.plan.memory import publish_bytes
+
+    seven = str(ROOT / "configs" / "llama2_7b_lora_8x3090.yaml")
+    shape = model_shape(str(ROOT / "configs/shapes_only/meta-llama/Llama-2-7b-hf"), 16, QKVO)
+    sent = {m: publish_bytes(load_config(seven, [f"learner.method={m}"] + (["reference.mode=separate"] if m == "full"
+                                                                          else [])), shape)
+            for m in ("lora", "ssf", "repadapter", "full")}
+    qkvo = 32 * 4 * 4096 * 4096 * 2
+    assert sent == {"lora": 16_777_216 * 4, "ssf": qkvo + 32 * 4 * 4096 * 2, "repadapter": qkvo,
+                    "full": 6_738_415_616 * 2}

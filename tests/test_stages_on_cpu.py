@@ -1,5 +1,6 @@
-"""The stages before PPO on the tiny model: SFT (full and LoRA-merged) and reward-model
-training with the margin ranking loss, on small generated sets; and their CLI error paths."""
+"""The stages before PPO on the tiny model: SFT (full, LoRA, SSF and RepAdapter, merged) and
+reward-model training with the margin ranking loss, on small generated sets; and their CLI error
+paths."""
 import json
 
 import pytest
@@ -41,7 +42,7 @@ def test_the_objective_does_not_depend_on_the_worker_layout(stage_cfg, stage):
     def run(*layout):
         size = "num_examples=40" if stage == "sft" else "num_pairs=40"
         cfg = stage_cfg(f"{stage}.{size}", f"{stage}.epochs=1", f"{stage}.batch_size=5", *layout,
-                        "rm.base=model", f"{stage}.mode=lora")
+                        "rm.base=model", f"{stage}.method=lora")
         return run_sft(cfg, progress=False) if stage == "sft" else run_train_rm(cfg, progress=False)
 
     one = run(f"{stage}.num_workers=1")
@@ -56,10 +57,10 @@ def test_the_objective_does_not_depend_on_the_worker_layout(stage_cfg, stage):
 
 
 @pytest.mark.integration
-def test_sft_lora_mode_saves_a_merged_model(stage_cfg, tiny_model_dir):
+def test_sft_lora_method_saves_a_merged_model(stage_cfg, tiny_model_dir):
     from rlhf_ray.models import load_causal_lm
 
-    cfg = stage_cfg("sft.mode=lora", "sft.num_examples=64", "sft.epochs=1", "sft.lr=0.01")
+    cfg = stage_cfg("sft.method=lora", "sft.num_examples=64", "sft.epochs=1", "sft.lr=0.01")
     s = run_sft(cfg, progress=False)
     assert s["trainable_params"] < 50_000  # the adapter only
     merged, base = load_causal_lm(s["output"]), load_causal_lm(tiny_model_dir)
@@ -68,6 +69,44 @@ def test_sft_lora_mode_saves_a_merged_model(stage_cfg, tiny_model_dir):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(names[q], dict(base.named_parameters())[q])  # the update is in the weights
     assert s["heldout_loss_after"] < s["heldout_loss_before"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["ssf", "repadapter"])
+def test_sft_with_a_method_saves_it_merged_and_unmerged(stage_cfg, tiny_model_dir, method):
+    """On Ray Train, on the objective-question task: the stage trains only the method's tensors,
+    saves a plain model with them folded in (the unmerged method beside it gives the same
+    outputs), and scores the held-out questions before and after, per set."""
+    from rlhf_ray.models import load_causal_lm
+    from rlhf_ray.models.methods import MethodSpec, load_method
+    from rlhf_ray.plan.shapes import model_shape
+
+    cfg = stage_cfg(f"sft.method={method}", "sft.num_examples=64", "sft.epochs=1", "sft.lr=0.01",
+                    "data.task=objective", "eval.judge=label_match", "eval.num_prompts=16", "rollout.max_new_tokens=4")
+    s = run_sft(cfg, progress=False)
+    spec = MethodSpec.from_config(cfg, method)
+    assert s["method"] == method and s["trainable_params"] == model_shape(tiny_model_dir, 8, ["q_proj"]).method_params(spec)
+    assert s["peak_rss_bytes"] > 0 and s["train_loss_last"] < s["train_loss_first"]
+    for when in ("judge_before", "judge_after"):
+        assert set(s[when]["judge_by_set"]) == {"eprstmt", "tnews", "ocnli", "bustm"} and s[when]["decoding"] == "greedy"
+    merged = load_causal_lm(s["output"])
+    assert merged.config.attention_bias == (method == "ssf")  # SSF's shift became q/k/v/o biases
+    unmerged = load_method(load_causal_lm(tiny_model_dir), f"{s['output']}/adapter")
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - unmerged(input_ids=ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.integration
+def test_reward_model_with_repadapter_keeps_its_score_head(sft_run, stage_cfg):
+    cfg = stage_cfg(f"rm.output_dir={sft_run[0].output.run_dir / 'rm_repadapter'}", "rm.method=repadapter",
+                    "rm.num_pairs=128", "rm.lr=0.005", "rm.base=model")
+    s = run_train_rm(cfg, progress=False)
+    assert s["method"] == "repadapter" and s["train_loss_last"] < s["train_loss_first"]
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{s['output']}/adapter/adapter_model.safetensors")
+    assert "score.weight" in saved and any(k.endswith("repadapter_down") for k in saved)
 
 
 @pytest.mark.integration
@@ -90,8 +129,8 @@ def test_reward_model_ranks_held_out_pairs(sft_run):
 
 
 @pytest.mark.integration
-def test_reward_model_lora_mode_trains_the_score_head_too(sft_run, stage_cfg):
-    cfg = stage_cfg(f"rm.output_dir={sft_run[0].output.run_dir / 'rm_lora'}", "rm.mode=lora", "rm.num_pairs=128",
+def test_reward_model_lora_method_trains_the_score_head_too(sft_run, stage_cfg):
+    cfg = stage_cfg(f"rm.output_dir={sft_run[0].output.run_dir / 'rm_lora'}", "rm.method=lora", "rm.num_pairs=128",
                     "rm.lr=0.005", "rm.base=model")
     s = run_train_rm(cfg, progress=False)
     assert s["train_loss_last"] < s["train_loss_first"]

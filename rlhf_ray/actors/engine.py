@@ -25,20 +25,23 @@ def engine_kwargs(cfg: Config, model_path: str, *, on_gpu: bool = False, max_mod
     explicit KV cache lets several engines share a machine with the learner.
     """
     r = cfg.rollout
+    lora = cfg.learner.method == "lora"  # else the engine serves merged weights, reloaded in place
     kwargs = dict(
         model=model_path,
         dtype=cfg.model.dtype,
-        enable_lora=True,
-        max_lora_rank=r.max_lora_rank,
-        max_loras=r.max_loras,
+        enable_lora=lora,
         gpu_memory_utilization=r.gpu_memory_utilization or (gpu_share_utilization(r.num_gpus) if on_gpu else 0.1),
-        # Only the layers the adapter has: otherwise vLLM wraps (and computes LoRA kernels on)
-        # every supported layer, gate_up_proj and down_proj too, for an attention-only adapter.
-        lora_target_modules=None if "all-linear" in cfg.lora.target_modules else list(cfg.lora.target_modules),
         seed=r.seed if seed is None else seed,
-        enforce_eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
+        # Merged weights on the CPU: eager always (a compiled graph could keep the weights it traced).
+        enforce_eager=True if (not lora and not on_gpu) else (not on_gpu) if r.enforce_eager is None else r.enforce_eager,
         worker_extension_cls=WORKER_EXTENSION,
     )
+    if lora:
+        # Only the layers the adapter has: otherwise vLLM wraps (and computes LoRA kernels on)
+        # every supported layer, gate_up_proj and down_proj too, for an attention-only adapter.
+        kwargs.update(max_lora_rank=r.max_lora_rank, max_loras=r.max_loras,
+                      lora_target_modules=None if "all-linear" in cfg.lora.target_modules
+                      else list(cfg.lora.target_modules))
     if (not on_gpu) if r.engine_in_process is None else r.engine_in_process:
         kwargs["distributed_executor_backend"] = "uni"
     kv_mib = r.kv_cache_mib if r.kv_cache_mib is not None else (None if on_gpu else CPU_KV_CACHE_MIB)

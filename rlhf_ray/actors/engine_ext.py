@@ -45,3 +45,25 @@ class WorkerHostMemory:
         if release is not None:
             release()
         return before - psutil.Process(os.getpid()).memory_info().rss
+
+    def load_merged_weights(self, path: str) -> int:
+        """Load the merged weights in the safetensors file ``path`` (transformers' names) in
+        place, through vLLM's layer-wise reload: on the CPU each linear weight is repacked for
+        oneDNN after loading, so a plain second ``load_weights`` (or a copy into the parameter)
+        would be ignored; the reload rebuilds each layer it is given and repacks it. A fused layer
+        (q/k/v, gate/up) must come whole, which the learner's publish sees to. A path, not
+        tensors: with the engine core in a child process, a tensor argument does not survive
+        ``collective_rpc``. Returns the number of tensors loaded."""
+        from safetensors import safe_open
+
+        count = 0
+
+        def weights():
+            nonlocal count
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    count += 1
+                    yield name, f.get_tensor(name)
+
+        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        return count

@@ -27,7 +27,7 @@ from ..algo.masked import Aggregation
 from ..batch import TokenBatch, to_action_width
 from ..config import Config
 from ..devices import data_parallel, train_device
-from ..sync import AdapterVersion, extract_adapter
+from ..sync import AdapterVersion, extract_adapter, extract_method
 from ..telemetry import MemorySampler
 
 
@@ -49,7 +49,12 @@ class LearnerCore:
         base = load_causal_lm(model_path, cfg.model.dtype, device=self.device)
         if lc.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model = add_lora(base, cfg.lora)
+        if lc.method == "lora":
+            peft_model = add_lora(base, cfg.lora)
+        else:  # served as merged weights (sync.extract_method)
+            from ..models.methods import MethodPolicy, MethodSpec, apply_method
+
+            peft_model = MethodPolicy(apply_method(base, MethodSpec.from_config(cfg, lc.method)))
         self.module = PolicyWithValue(peft_model, Sampling.from_config(cfg.rollout),
                                       critic=ESTIMATORS[cfg.ppo.estimator].needs_critic,
                                       chunk_tokens=lc.logprob_chunk_tokens).to(self.device)
@@ -182,7 +187,11 @@ class LearnerCore:
         return shift, shift_tokens
 
     def adapter(self, version: int) -> AdapterVersion:
-        return extract_adapter(self.module.policy, version)
+        if self.cfg.learner.method == "lora":
+            return extract_adapter(self.module.policy, version)
+        from ..models.loading import torch_dtype
+
+        return extract_method(self.module.policy.get_base_model(), version, torch_dtype(self.cfg.model.dtype))
 
     def value_head_state(self) -> dict[str, torch.Tensor]:
         head = self.module.value_head
@@ -200,12 +209,15 @@ class LearnerCore:
                 lr: Optional[float] = None) -> None:
         """Continue from a checkpoint: adapter and head weights, optimizer state, RNGs; ``lr``
         replaces the learning rate the optimizer state carries (the guard's rollback lowers it)."""
-        from peft import set_peft_model_state_dict
+        if self.cfg.learner.method == "lora":
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.module.policy, adapter.tensors)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise ValueError(f"checkpoint adapter tensors do not fit this model: {unexpected[:3]}")
+            result = set_peft_model_state_dict(self.module.policy, adapter.tensors)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise ValueError(f"checkpoint adapter tensors do not fit this model: {unexpected[:3]}")
+        else:
+            _load_method_tensors(self.module.policy.get_base_model(), adapter, self.cfg.learner.method)
         if self.module.value_head is not None:
             if not value_head:
                 raise ValueError("checkpoint has no value head, but ppo.estimator needs a critic")
@@ -280,7 +292,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 outbox.put(("evaluated", request_id, rank, out))
             elif kind == "restore":
                 core.restore(batch["adapter"], batch["value_head"], batch["learner"], batch.get("lr"))
-                outbox.put(("restored", request_id, rank, core.param_checksum()))
+                # Merged-weight methods: the generators need the restored version's merged weights,
+                # which only the learner can make (a checkpoint keeps the method's own tensors).
+                merged = [ray.put(core.adapter(msg[3]))] if rank == 0 and cfg.learner.method != "lora" else None
+                outbox.put(("restored", request_id, rank, {"checksum": core.param_checksum(), "adapter": merged}))
             elif kind == "update":
                 stats = core.update(batch, **(msg[4] if len(msg) > 4 else {}))
                 stats["compute_s"] = time.perf_counter() - t
@@ -296,6 +311,24 @@ def train_loop(config: dict[str, Any]) -> None:
         outbox.put(("error", request_id, rank, {"group": group, "traceback": traceback.format_exc(),
                                                 "peer_failure": peer_failure(e)}))
         raise
+
+
+def _load_method_tensors(model: torch.nn.Module, adapter: AdapterVersion, method: str) -> None:
+    """A checkpoint's SSF / RepAdapter tensors (every weight for full) into the live policy."""
+    saved = adapter.peft_config.get("rlhf_ray_method")
+    if saved != method:
+        raise ValueError(f"checkpoint holds a {saved or 'lora'} policy, but learner.method={method}")
+    own = {n: p for n, p in model.named_parameters()}
+    if method != "full":
+        own = {n: p for n, p in own.items() if n.rsplit(".", 1)[-1].startswith(("ssf_", "repadapter_"))}
+    missing, unexpected = set(own) - set(adapter.tensors), set(adapter.tensors) - set(own)
+    if method != "full" and (missing or unexpected):
+        raise ValueError(f"checkpoint {method} tensors do not fit this model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for n, p in own.items():
+            if n in adapter.tensors:
+                p.copy_(adapter.tensors[n])
 
 
 def peer_failure(e: BaseException) -> bool:

@@ -43,6 +43,7 @@ class RolloutGenerator:
         self.storage_note = ""
         self.version: Optional[int] = None
         self._lora = None
+        self._merged = False  # serving merged weights (learner.method other than lora), reloaded in place
         self._loads = 0  # adapters loaded so far: each load gets a LoRA id and name of its own
         from vllm import SamplingParams
 
@@ -58,21 +59,51 @@ class RolloutGenerator:
         return SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_tokens=r.max_new_tokens, logprobs=0, seed=seed)
 
-    def load_adapter(self, adapter: AdapterVersion) -> dict:
-        """Serve ``adapter`` from now on; returns timing of the swap."""
-        from vllm.lora.request import LoRARequest
-
-        t = time.perf_counter()
-        if adapter.peft_config.get("r", 0) > self.cfg.rollout.max_lora_rank:
-            raise ValueError(f"{self.name}: adapter rank {adapter.peft_config.get('r')} exceeds the "
-                             f"engine's max_lora_rank={self.cfg.rollout.max_lora_rank}")
+    def _storage(self, need_bytes: int) -> Path:
         if self._dir is None:
             # Room for two versions: the new one is written before the old one goes.
-            root, self.storage_note = adapter_root(2 * adapter.num_bytes + 2**20)
+            root, self.storage_note = adapter_root(2 * need_bytes + 2**20)
             if self.storage_note:
                 logging.getLogger(__name__).warning("%s: %s", self.name, self.storage_note)
             self._dir = root / f"{self.name}-{os.getpid()}"
             _sweep_dead(root)
+        return Path(self._dir)
+
+    def _load_merged(self, adapter: AdapterVersion) -> dict:
+        """learner.method ssf | repadapter | full: the version's merged weights, reloaded in place
+        (engine_ext.load_merged_weights), then the prefix cache emptied: its blocks were computed
+        with the old weights, and vLLM keys them by tokens (and LoRA name), not by weights."""
+        from safetensors.torch import save_file
+
+        t = time.perf_counter()
+        self._loads += 1
+        path = self._storage(adapter.num_bytes) / f"v{adapter.version}-{self._loads}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(adapter.merged, str(path))
+        try:
+            loaded = self.llm.collective_rpc("load_merged_weights", args=(str(path),))
+        finally:
+            path.unlink(missing_ok=True)
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"{self.name}: the prefix cache could not be reset after loading version "
+                               f"{adapter.version} (requests still running)")
+        self.version, self._merged = adapter.version, True
+        released = sum(self.llm.collective_rpc("release_host_memory"))
+        return {"version": adapter.version, "swap_s": time.perf_counter() - t, "host_released_bytes": released,
+                "tensors": loaded[0] if loaded else 0}
+
+    def load_adapter(self, adapter: AdapterVersion) -> dict:
+        """Serve ``adapter`` from now on (a LoRA adapter, or a merged-weight version); returns
+        timing of the swap."""
+        from vllm.lora.request import LoRARequest
+
+        if adapter.merged is not None:
+            return self._load_merged(adapter)
+        t = time.perf_counter()
+        if adapter.peft_config.get("r", 0) > self.cfg.rollout.max_lora_rank:
+            raise ValueError(f"{self.name}: adapter rank {adapter.peft_config.get('r')} exceeds the "
+                             f"engine's max_lora_rank={self.cfg.rollout.max_lora_rank}")
+        self._storage(adapter.num_bytes)
         # lora_int_id (> 0) and the name are new for every load, not just every version: after a
         # resume or a learner restart a version number comes back with other weights, and vLLM
         # caches adapters by id (and prefixes by name).
@@ -96,7 +127,7 @@ class RolloutGenerator:
         """``n`` samples per prompt with the current adapter, a prompt's samples adjacent
         (``adapter=False``: the base model alone, which benchmarks compare against).
         ``seeds``: one per prompt, so a prompt's samples do not depend on the engine."""
-        if adapter and self._lora is None:
+        if adapter and self._lora is None and not self._merged:
             raise RuntimeError(f"{self.name}: no adapter loaded; publish version 0 first")
         t = time.perf_counter()
         params = self._params(n, None) if seeds is None else [self._params(n, s) for s in seeds]
@@ -121,7 +152,8 @@ class RolloutGenerator:
         """What serving adapters holds on to: LoRA slots in the engine, version directories on
         the RAM disk. Both must stay at one however many versions were published."""
         dirs = len(list(Path(self._dir).iterdir())) if self._dir is not None and Path(self._dir).is_dir() else 0
-        return {"version": self.version, "loaded_loras": len(self.llm.llm_engine.list_loras()), "adapter_dirs": dirs}
+        loras = len(self.llm.llm_engine.list_loras()) if self.cfg.learner.method == "lora" else 0
+        return {"version": self.version, "loaded_loras": loras, "adapter_dirs": dirs}
 
     def startup_seconds(self) -> float:
         return self.startup_s

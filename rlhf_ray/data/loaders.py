@@ -97,7 +97,7 @@ def iter_records(path: str | Path, key: str) -> Iterator[tuple[str, Any]]:
     try:
         if p.stat().st_size == 0:
             raise DataError(f"{key}={str(path)!r}: the file is empty")
-        if p.suffix == ".json":
+        if p.suffix == ".json" and not _json_lines(p):
             yield from _json_array(p, key)
             return
         # surrogateescape: a byte that is not UTF-8 becomes U+DC80..U+DCFF instead of an
@@ -171,6 +171,19 @@ def _hub_dataset(path: str, key: str):
             f"split='{split}').save_to_disk('DIR')\"`) and set {key}=DIR") from None
 
 
+def _json_lines(p: Path) -> bool:
+    """Whether a ``.json`` file holds JSON lines (one object per line, as the CLUE and FewCLUE
+    files do) rather than one JSON list: its first line is a whole JSON object."""
+    with p.open(encoding="utf-8-sig", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
 def _json_record(line: str) -> Any:
     try:
         return json.loads(line)
@@ -196,7 +209,7 @@ def _json_array(p: Path, key: str) -> Iterator[tuple[str, Any]]:
     except (ValueError, RecursionError) as e:
         raise DataError(f"{p}: not valid JSON ({first_line(e)})") from None
     if not isinstance(records, list):
-        raise DataError(f"{p}: a .json file must hold a list of records (JSONL: use .jsonl)")
+        raise DataError(f"{p}: a .json file must hold a list of records, or one record per line (JSONL)")
     for i, rec in enumerate(records):
         yield f"{p}[record {i}]", rec
 

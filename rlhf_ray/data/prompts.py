@@ -36,6 +36,10 @@ def generated_prompts(task: str, num: int, seed: int, split: str) -> list[tuple[
         from .math_task import math_problems
 
         return [(p["question"], {"answer": p["answer"]}) for p in math_problems(num, seed, split)]
+    if task == "objective":
+        from .objective import prompts
+
+        return prompts(num, seed, split)
     from .task import task_prompts
 
     return [(p.text, {"subject": p.subject}) for p in task_prompts(num, seed, split)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .math_task import exact_match
+from .objective import label_match
 from .synthetic import ASPECTS, NEG_CLOSERS, NEGATIVE, OPENERS, POS_CLOSERS, POSITIVE, SUBJECTS
 
 HELDOUT_SUBJECTS = tuple(SUBJECTS[3::4])  # 4 of 16
@@ -146,5 +147,5 @@ def _sentiment(response: str, columns: dict) -> Verdict:
 
 
 # name -> judge(response, the prompt record's other columns) -> a verdict with .score in [0, 1]
-JUDGES = {"positive_sentiment": _sentiment, "exact_match": exact_match}
-TASKS = ("reviews", "math")  # data.task: what the stages generate when no file is given
+JUDGES = {"positive_sentiment": _sentiment, "exact_match": exact_match, "label_match": label_match}
+TASKS = ("reviews", "math", "objective")  # data.task: what the stages generate when no file is given

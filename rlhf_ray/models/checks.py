@@ -16,11 +16,13 @@ _LINEAR_TYPES = ("Linear", "Conv1D")
 
 
 def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.path", lora: bool = True,
+                 targets: Sequence[str] | None = None, targets_key: str = "lora.target_modules",
                  head: str = "causal_lm", reward_path: str | None = None,
                  outputs: Sequence[tuple[str, str | Path]] = ()) -> None:
     """Raise :class:`ConfigError` if ``output.dir`` (or another ``(key, dir)`` of ``outputs``)
     is not writable, a tracker of ``output.trackers`` is not installed, ``tokenizer`` has more tokens than ``model_path``'s embedding has rows,
-    or (``lora``) a ``lora.target_modules`` entry matches no linear layer of the model with
+    or (``lora``: an adapter method) an entry of ``targets`` (default ``lora.target_modules``; the
+    setting ``targets_key``) matches no linear layer of the model with
     ``head`` (``causal_lm`` or ``seq_cls``). ``key`` is the setting that chose ``model_path``.
     ``reward_path`` (a reward model; None: the reward uses none) is checked against its own
     tokenizer: the reward role reads the policy's decoded text and tokenizes it again."""
@@ -33,7 +35,8 @@ def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.p
     config = model_config(model_path, key)
     check_vocab(config, model_path, tokenizer, key)
     if lora:
-        check_lora_targets(config, model_path, cfg.lora.target_modules, key, head)
+        check_lora_targets(config, model_path, cfg.lora.target_modules if targets is None else targets, key, head,
+                           targets_key)
     if reward_path is not None:
         from .loading import load_tokenizer
 
@@ -99,7 +102,8 @@ def linear_modules(config, head: str = "causal_lm") -> list[str]:
             if isinstance(m, torch.nn.Linear) or type(m).__name__ in _LINEAR_TYPES]
 
 
-def check_lora_targets(config, model_path: str, targets: Sequence[str], key: str, head: str = "causal_lm") -> None:
+def check_lora_targets(config, model_path: str, targets: Sequence[str], key: str, head: str = "causal_lm",
+                       targets_key: str = "lora.target_modules") -> None:
     """Every entry must match a linear layer the way PEFT matches a list: the module's full
     name, or a suffix of it after a dot (``q_proj``, ``self_attn.q_proj``). PEFT itself raises
     only on the worker, and only if no entry at all matches; one unmatched entry of several
@@ -108,7 +112,7 @@ def check_lora_targets(config, model_path: str, targets: Sequence[str], key: str
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ConfigError(f"lora.target_modules: {missing} match no linear layer of the model at {model_path} "
+        raise ConfigError(f"{targets_key}: {missing} match no linear layer of the model at {model_path} "
                           f"({key}); its linear layers are {leaves}")
 
 

@@ -59,7 +59,7 @@ def build_tiny_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from ..data import math_task, synthetic
+    from ..data import math_task, objective, synthetic
 
     out = Path(out_dir)
     settings = dict(layers=layers, hidden=hidden, heads=heads, vocab_size=vocab_size,
@@ -71,7 +71,7 @@ def build_tiny_model(
         return out
 
     out.mkdir(parents=True, exist_ok=True)
-    corpus = {"reviews": synthetic.corpus, "math": math_task.corpus}[corpus_name]
+    corpus = {"reviews": synthetic.corpus, "math": math_task.corpus, "objective": objective.corpus}[corpus_name]
     tokenizer = build_tokenizer(texts if texts is not None else corpus(seed=seed), vocab_size)
     tokenizer.model_max_length = max_positions
     sizes = dict(

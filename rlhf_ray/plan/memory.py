@@ -21,6 +21,7 @@ full set exists again while it is recomputed in backward (``recompute``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .shapes import ModelShape
 
@@ -69,10 +70,12 @@ class LearnerBytes:
 
 def learner_bytes(shape: ModelShape, *, dtype: str, lora_rank: int, targets: list[str], critic: bool,
                   micro_batch: int, seq_len: int, response_tokens: int, chunk_tokens: int,
-                  checkpointing: bool, truncation: bool) -> LearnerBytes:
+                  checkpointing: bool, truncation: bool, trainable: Optional[int] = None,
+                  full: bool = False) -> LearnerBytes:
     """One learner worker: frozen base in ``dtype``; adapter and value head in fp32 with a
     gradient and AdamW's two moments each; activations of one micro-batch; the log-prob
-    working set of one chunk of response tokens."""
+    working set of one chunk of response tokens. ``trainable``: the method's parameters
+    (default: LoRA's); ``full``: every weight trains, in fp32 (no frozen copy)."""
     b = DTYPE_BYTES[dtype]
     head = (shape.hidden + 1) if critic else 0
     tokens = micro_batch * seq_len
@@ -83,10 +86,27 @@ def learner_bytes(shape: ModelShape, *, dtype: str, lora_rank: int, targets: lis
     # logits in the base dtype, their fp32 copy, log-softmax/exp temporaries (2 x fp32); top-p/top-k
     # add the sorted values, their int64 order and the kept mask.
     per_elem = b + 3 * 4 + ((4 + 8 + 1) if truncation else 0)
-    return LearnerBytes(weights=shape.total_params * b, adapter=4 * shape.lora_params,
-                        gradients=4 * shape.lora_params, optimizer=8 * shape.lora_params,
+    n = shape.total_params if full else (shape.lora_params if trainable is None else trainable)
+    return LearnerBytes(weights=0 if full else shape.total_params * b, adapter=4 * n, gradients=4 * n, optimizer=8 * n,
                         value_head=16 * head, activations=acts, recompute=tokens * per_layer if checkpointing else 0,
                         logits=chunk * shape.vocab * per_elem)
+
+
+def publish_bytes(cfg, shape: ModelShape) -> int:
+    """What one published version sends to every generator: LoRA's tensors in fp32; for a
+    merged-weight method the merged layers it touches, with every part of a fused layer (q/k/v,
+    gate/up) and SSF's biases, in the model's dtype; for full fine-tuning every weight."""
+    from ..models.methods import FUSED
+
+    method, b = cfg.learner.method, DTYPE_BYTES[cfg.model.dtype]
+    if method == "lora":
+        return 4 * shape.lora_params
+    if method == "full":
+        return shape.total_params * b
+    targets = {t.rsplit(".", 1)[-1] for t in (cfg.peft.target_modules or cfg.lora.target_modules)}
+    sent = set(targets).union(*(FUSED.get(t, ()) for t in targets))
+    return sum((fan_in * fan_out + (fan_out if method == "ssf" else 0)) * b
+               for leaf, fan_in, fan_out in shape.linears if leaf in sent)
 
 
 def kv_cache_sequences(kv_cache_bytes: int, shape: ModelShape, dtype: str, max_model_len: int,
@@ -103,18 +123,21 @@ def kv_cache_sequences(kv_cache_bytes: int, shape: ModelShape, dtype: str, max_m
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def stage_bytes(shape: ModelShape, *, dtype: str, mode: str, lora_rank: int, targets: list[str], micro_batch: int,
-                seq_len: int, checkpointing: bool, sequences_per_row: int, vocab_logits: bool) -> dict[str, int]:
+def stage_bytes(shape: ModelShape, *, dtype: str, spec, micro_batch: int, seq_len: int, checkpointing: bool,
+                sequences_per_row: int, vocab_logits: bool) -> dict[str, int]:
     """One worker of the SFT (``vocab_logits``: the language-model loss over every position) or
-    reward-model stage (``sequences_per_row`` 2: a pair), by part. ``mode`` lora: the frozen base
-    plus an fp32 adapter with its gradient and AdamW moments; full: every weight trains, its
-    gradient and both moments in the weights' dtype. Activations as for the learner (module doc);
-    full fine-tuning saves the input of every linear layer, as LoRA on all of them would."""
+    reward-model stage (``sequences_per_row`` 2: a pair), by part. ``spec`` (a
+    ``models.methods.MethodSpec``): a method (LoRA, DoRA, IA3, SSF, RepAdapter) keeps the base
+    frozen and trains its own fp32 tensors with their gradient and AdamW moments; ``full``
+    trains every weight, its gradient and both moments in the weights' dtype. Activations as for
+    the learner (module doc), the method's inner width standing for LoRA's rank; full fine-tuning
+    saves the input of every linear layer, as LoRA on all of them would."""
     b = DTYPE_BYTES[dtype]
     tokens = micro_batch * seq_len * sequences_per_row
-    if mode == "lora":
-        per_layer = layer_activation_bytes_per_token(shape, dtype, lora_rank, targets)
-        weights, trainable = shape.total_params * b, 16 * shape.lora_params
+    if spec.method != "full":
+        inner = {"lora": spec.lora_rank, "dora": spec.lora_rank, "repadapter": spec.repadapter_rank}.get(spec.method, 0)
+        per_layer = layer_activation_bytes_per_token(shape, dtype, inner, list(spec.targets))
+        weights, trainable = shape.total_params * b, 16 * shape.method_params(spec)
     else:
         per_layer = layer_activation_bytes_per_token(shape, dtype, 0, ALL_LINEAR)
         weights, trainable = shape.total_params * b, 3 * shape.total_params * b

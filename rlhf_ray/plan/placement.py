@@ -49,22 +49,24 @@ class Plan:
 def stage_plans(cfg: Config, shape: ModelShape, *, gpu_memory: int) -> tuple[list[ActorPlan], list[str]]:
     """One Ray Train worker of the SFT and reward-model stages that run on GPUs, each on its own
     card (the stages run one at a time, before PPO), and the problems of any that does not fit."""
+    from ..models.methods import MethodSpec
     from .memory import stage_bytes
 
     out, problems = [], []
     for name, sc, pair in (("sft", cfg.sft, False), ("rm", cfg.rm, True)):
         if not sc.use_gpu:
             continue
-        parts = stage_bytes(shape, dtype=cfg.model.dtype, mode=sc.mode, lora_rank=cfg.lora.rank,
-                            targets=list(cfg.lora.target_modules), micro_batch=sc.micro_batch_size or sc.batch_size,
+        spec = MethodSpec.from_config(cfg, sc.method)
+        parts = stage_bytes(shape, dtype=cfg.model.dtype, spec=spec, micro_batch=sc.micro_batch_size or sc.batch_size,
                             seq_len=sc.max_seq_len, checkpointing=sc.gradient_checkpointing,
                             sequences_per_row=2 if pair else 1, vocab_logits=not pair)
         parts["cuda_context"] = CUDA_CONTEXT_BYTES
-        a = ActorPlan(f"{name}-worker", name, 1.0, sum(parts.values()), parts, f"mode={sc.mode}")
+        a = ActorPlan(f"{name}-worker", name, 1.0, sum(parts.values()), parts,
+                      f"method={sc.method}, {shape.method_params(spec):,} trainable")
         out.append(a)
         if a.bytes > gpu_memory:
             problems.append(f"{a.name} needs {a.bytes / GIB:.1f} GiB, {(a.bytes - gpu_memory) / GIB:.1f} GiB more than "
-                            f"one GPU ({_largest(a)}): set {name}.gradient_checkpointing=true, {name}.mode=lora, a "
+                            f"one GPU ({_largest(a)}): set {name}.gradient_checkpointing=true, {name}.method=lora (or another method), a "
                             f"smaller {name}.micro_batch_size or {name}.max_seq_len, or model.dtype=bfloat16")
     return out, problems
 
@@ -77,6 +79,7 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
                 response_tokens: int) -> tuple[list[ActorPlan], float]:
     """Every actor of the run with its bytes; returns (actors, KV-cache sequences per generator)."""
     from ..algo.estimators import ESTIMATORS
+    from ..models.methods import MethodSpec
 
     dtype, lc, r = cfg.model.dtype, cfg.learner, cfg.rollout
     b = DTYPE_BYTES[dtype]
@@ -84,7 +87,9 @@ def actor_plans(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gpu_mem
     lb = learner_bytes(shape, dtype=dtype, lora_rank=cfg.lora.rank, targets=list(cfg.lora.target_modules),
                        critic=ESTIMATORS[cfg.ppo.estimator].needs_critic, micro_batch=lc.micro_batch_size,
                        seq_len=seq_len, response_tokens=response_tokens, chunk_tokens=lc.logprob_chunk_tokens,
-                       checkpointing=lc.gradient_checkpointing, truncation=r.top_p < 1 or r.top_k > 0)
+                       checkpointing=lc.gradient_checkpointing, truncation=r.top_p < 1 or r.top_k > 0,
+                       trainable=None if lc.method in ("lora", "full") else shape.method_params(
+                           MethodSpec.from_config(cfg, lc.method)), full=lc.method == "full")
     parts = {"weights": lb.weights, "adapter": lb.adapter, "gradients": lb.gradients, "optimizer": lb.optimizer,
              "value_head": lb.value_head, "activations": lb.activations, "recompute": lb.recompute,
              "logits": lb.logits,

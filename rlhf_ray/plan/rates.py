@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import Config
-from .memory import DTYPE_BYTES
+from .memory import DTYPE_BYTES, publish_bytes
 from .shapes import ModelShape
 
 # --- The hardware: NVIDIA GeForce RTX 3090 spec-sheet figures --------------------------------
@@ -211,7 +211,7 @@ def estimate_step(cfg: Config, shape: ModelShape, rm_shape: ModelShape, *, gener
         generators=generators, learners=learners, rows=rows,
         decode_tokens_per_s=decode_tokens_per_s(weights, batch, prompt_tokens + new_tokens / 2, kv, a),
         generate_s=gen, reward_s=reward_s(rm_params=rm_shape.total_params, rows=rows, tokens=tokens, a=a),
-        learner_s=learn, publish_s=publish_s(4 * shape.lora_params, a))
+        learner_s=learn, publish_s=publish_s(publish_bytes(cfg, shape), a))
 
 
 def with_split(cfg: Config, generators: int, learners: int) -> Config:

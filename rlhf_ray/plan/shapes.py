@@ -2,7 +2,7 @@
 the meta device (no weights, no memory), so a 7B plan runs on a laptop, offline."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,6 +19,15 @@ class ModelShape:
     head_dim: int
     vocab: int
     max_positions: int
+    # (last name, in, out) of every Linear layer but the output head: what any method's count needs
+    linears: tuple[tuple[str, int, int], ...] = field(default=(), repr=False)
+
+    def method_params(self, spec) -> int:
+        """Trainable parameters of a fine-tuning method (``models.methods.MethodSpec``) on this
+        model: every parameter for ``full``, else the method's own on its target layers."""
+        from ..models.methods import method_params
+
+        return self.total_params if spec.method == "full" else method_params(self.linears, spec)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of every layer for one token."""
@@ -49,8 +58,11 @@ def model_shape(model: str, lora_rank: int, target_modules: list[str]) -> ModelS
     total = sum(p.numel() for p in net.parameters())
     lora = targets = 0
     found: set[str] = set()
+    linears = []
     for name, module in net.named_modules():
         leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf != "lm_head":
+            linears.append((leaf, module.in_features, module.out_features))
         if isinstance(module, torch.nn.Linear) and leaf in target_modules:
             lora += lora_rank * (module.in_features + module.out_features)
             targets += 1
@@ -64,4 +76,4 @@ def model_shape(model: str, lora_rank: int, target_modules: list[str]) -> ModelS
         hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", 0))
+        max_positions=getattr(config, "max_position_embeddings", 0), linears=tuple(linears))

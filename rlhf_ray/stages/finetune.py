@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from ..config import Config
+
+ADAPTER_DIR = "adapter"  # <model dir>/adapter: the stage's method, unmerged
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +256,29 @@ def pad_right(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tu
 
 
 def save_model(model, tokenizer, out: Path, summary: dict[str, Any]) -> None:
-    """Save (merging a PEFT adapter first) so later stages and vLLM load a plain model dir."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """Save the model with its method merged (a plain model dir later stages and vLLM load), and
+    the method unmerged in ``<out>/adapter`` for reuse (``models.methods.load_method``)."""
+    from ..models.methods import merge_method, method_of, save_method
+
+    if hasattr(model, "peft_config") or method_of(model) is not None:
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+        save_method(model, out / ADAPTER_DIR)
+        model = merge_method(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "stage.json").write_text(json.dumps(summary, indent=2))
+
+
+def peak_memory(device) -> dict[str, int]:
+    """This worker's peak resident memory so far (the model load included) and, on a GPU, its
+    peak allocated CUDA memory: what a method's choice changes."""
+    import resource
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device is not None and torch.device(device).type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
 
 
 def write_summary(run_dir: Path, stage: str, summary: dict[str, Any]) -> Path:

@@ -15,7 +15,8 @@ from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..logs import redirect_output
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+from ..models.methods import MethodSpec, apply_method
+from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import base_model, rm_dir
 
@@ -35,9 +36,10 @@ def preference_data(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict], 
     (``data.chat_template``, as PPO renders its prompts, so the reward model reads what it will score)."""
     rc = cfg.rm
     if rc.data_path is None:
-        from ..data.task import preference_pairs
+        from ..data import objective, task
 
-        if cfg.data.task != "reviews":
+        preference_pairs = {"reviews": task.preference_pairs, "objective": objective.preference_pairs}.get(cfg.data.task)
+        if preference_pairs is None:
             raise ValueError(f"data.task={cfg.data.task} has no generated preference pairs: its reward is a function "
                              "(reward.functions); set rm.data_path to train a reward model on your own pairs")
         n_eval = max(32, int(rc.num_pairs * rc.eval_fraction))
@@ -159,7 +161,8 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     clock = Clock()
     base = base_model(cfg, rc.base, "rm.base")
     tokenizer = load_tokenizer(base)
-    check_inputs(cfg, base, tokenizer, key="rm.base", lora=rc.mode == "lora", head="seq_cls",
+    check_inputs(cfg, base, tokenizer, key="rm.base", lora=rc.method != "full", head="seq_cls",
+                 targets=MethodSpec.from_config(cfg, rc.method).targets, targets_key=MethodSpec.targets_key(cfg, rc.method),
                  outputs=[("rm.output_dir", rc.output_dir)] if rc.output_dir else ())
     train_pairs, held_pairs, reports = preference_data(cfg, renderer(cfg.data, tokenizer))
     train = encode(train_pairs, tokenizer, rc.max_seq_len, reports[0], rc.use_margin, cfg.data.over_long)
@@ -170,7 +173,7 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"train-rm: {len(train)} training and {len(held)} held-out pairs left after "
                          f"dropping those over rm.max_seq_len ({'; '.join(r.summary() for r in reports)})")
     out = rm_dir(cfg)
-    summary = {"stage": "rm", "base": base, "output": str(out), "mode": rc.mode, "use_margin": rc.use_margin,
+    summary = {"stage": "rm", "base": base, "output": str(out), "method": rc.method, "use_margin": rc.use_margin,
                "data": [r.to_dict() for r in reports], "train_pairs": len(train), "heldout_pairs": len(held),
                "workers": rc.num_workers, "use_gpu": rc.use_gpu}
     return train_stage(cfg, "rm", _rm_worker, summary, clock,
@@ -183,7 +186,7 @@ def _rm_worker(config: dict) -> None:
     from transformers.utils import logging as hf_logging
 
     from ..devices import train_device
-    from ..models import add_lora, load_tokenizer
+    from ..models import load_tokenizer
     from ..models.loading import load_pretrained
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
@@ -202,8 +205,8 @@ def _rm_worker(config: dict) -> None:
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if rc.mode == "lora":
-        model = add_lora(model, cfg.lora, task_type="SEQ_CLS")
+    if rc.method != "full":
+        model = apply_method(model, MethodSpec.from_config(cfg, rc.method), task_type="SEQ_CLS")
         _fp32_score_head(model)
     params = [p for p in model.parameters() if p.requires_grad]
     pad = tokenizer.pad_token_id
@@ -231,20 +234,21 @@ def _rm_worker(config: dict) -> None:
     out = Path(config["summary"]["output"])
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-               "heldout_before": before, "heldout_after": after, "normalizer": scale}
+               "heldout_before": before, "heldout_after": after, "normalizer": scale, **peak_memory(device)}
     save_model(model, tokenizer, out, summary)
     (out / NORMALIZER).write_text(json.dumps(scale))
 
 
 def _fp32_score_head(model) -> None:
-    """PEFT upcasts the adapter to fp32 but not its trainable copy of the score head; in a bf16
+    """PEFT upcasts the adapter to fp32 but not its trainable copy of the score head (nor does
+    anything upcast the head under SSF or RepAdapter); in a bf16
     model that head's small late updates would round away (a bf16 step near weights of 0.02 is
     ~1e-4). Train it in fp32, its input cast up to meet it (the learner does the same with its
     value head)."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    score = model.get_submodule("base_model.model.score")
+    score = model.get_submodule("base_model.model.score" if hasattr(model, "peft_config") else "score")
     score.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
 
 

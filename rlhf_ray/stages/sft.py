@@ -1,6 +1,7 @@
 """`rlhf-ray sft`: supervised fine-tuning on prompt/response records, loss on the response
-(on the whole text for ``text``-only records). ``sft.mode=full`` trains every weight (what a
-randomly initialised tiny model needs); ``lora`` trains an adapter and merges it on save."""
+(on the whole text for ``text``-only records). ``sft.method=full`` trains every weight (what a
+randomly initialised tiny model needs); a method (lora, dora, ia3, ssf, repadapter) trains its
+own tensors and is merged into the saved model, and kept unmerged in ``sft_model/adapter``."""
 from __future__ import annotations
 
 import random
@@ -11,8 +12,10 @@ import torch
 
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
+from ..judging import GREEDY_JUDGES, eval_prompts, judge_greedy
 from ..logs import redirect_output
-from .finetune import (Clock, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
+from ..models.methods import MethodSpec, apply_method
+from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
                        train_epochs, train_stage, worker_threads)
 from . import sft_dir
 
@@ -20,9 +23,10 @@ from . import sft_dir
 def sft_examples(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict[str, str]], Optional[LoadReport]]:
     """The records; ``messages`` rendered by ``render`` (``data.chat_template``)."""
     if cfg.sft.data_path is None:
-        from ..data import math_task, task
+        from ..data import math_task, objective, task
 
-        make = {"reviews": task.sft_records, "math": math_task.sft_records}[cfg.data.task]
+        make = {"reviews": task.sft_records, "math": math_task.sft_records,
+                "objective": objective.sft_records}[cfg.data.task]
         return make(cfg.sft.num_examples, cfg.sft.seed), None
     from ..data.loaders import load_sft
 
@@ -98,8 +102,8 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     clock = Clock()
     base = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base)
-    check_inputs(cfg, base, tokenizer, lora=sc.mode == "lora",
-                 outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
+    check_inputs(cfg, base, tokenizer, lora=sc.method != "full", targets=MethodSpec.from_config(cfg, sc.method).targets,
+                 targets_key=MethodSpec.targets_key(cfg, sc.method), outputs=[("sft.output_dir", sc.output_dir)] if sc.output_dir else ())
     records, report = sft_examples(cfg, renderer(cfg.data, tokenizer))
     report = report or LoadReport("generated task", read=len(records), kept=len(records))
     examples = encode(records, tokenizer, sc.max_seq_len, report, cfg.data.over_long)
@@ -111,18 +115,28 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     n_eval = int(len(examples) * sc.eval_fraction)
     held, train = examples[:n_eval], examples[n_eval:]
     out = sft_dir(cfg)
-    summary = {"stage": "sft", "base": base, "output": str(out), "mode": sc.mode, "data": report.to_dict(),
+    summary = {"stage": "sft", "base": base, "output": str(out), "method": sc.method, "data": report.to_dict(),
                "train_examples": len(train), "heldout_examples": len(held), "workers": sc.num_workers,
                "use_gpu": sc.use_gpu}
+    judged = None
+    if cfg.eval.judge in GREEDY_JUDGES:  # a task with answers: the judge before and after, greedy
+        ps = eval_prompts(cfg, tokenizer)
+        judged = (ps.ids, ps.columns)
     return train_stage(cfg, "sft", _sft_worker, summary, clock,
-                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress})
+                       {"cfg": cfg, "base": base, "train": train, "held": held, "progress": progress,
+                        "judged": judged})
+
+
+def _scores(judged: dict[str, Any]) -> dict[str, Any]:
+    """The judge's figures for the trackers (no counts or labels)."""
+    return {k: v for k, v in judged.items() if k in ("judge_score", "judge_sets_mean", "judge_by_set")}
 
 
 def _sft_worker(config: dict) -> None:
     import ray.train
 
     from ..devices import train_device
-    from ..models import add_lora, load_causal_lm, load_tokenizer
+    from ..models import load_causal_lm, load_tokenizer
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     sc = cfg.sft
@@ -133,16 +147,24 @@ def _sft_worker(config: dict) -> None:
     device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(sc.seed)
     model = load_causal_lm(base, cfg.model.dtype, device)
-    if sc.mode == "lora":
-        model = add_lora(model, cfg.lora)
+    model = apply_method(model, MethodSpec.from_config(cfg, sc.method))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     pad = load_tokenizer(base).pad_token_id
     chunk = sc.micro_batch_size or sc.batch_size
     before = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+    judged = config.get("judged") if rank == 0 else None
+
+    def judge() -> dict[str, Any]:
+        from ..data.task import JUDGES
+
+        return judge_greedy(model, load_tokenizer(base), *judged, JUDGES[cfg.eval.judge],
+                            max_new_tokens=cfg.rollout.max_new_tokens, device=device)
+
+    judge_before = judge() if judged else None
     with stage_trackers(config, "sft", rank) as trackers:
         if trackers and before is not None:
-            trackers.log({"heldout_loss": before}, 0)
+            trackers.log({"heldout_loss": before, **({"judge": _scores(judge_before)} if judge_before else {})}, 0)
         ddp = prepare_for_training(model, sc.gradient_checkpointing, world)
         history = train_epochs(ddp, params, train, batch_size=sc.batch_size, epochs=sc.epochs, lr=sc.lr,
                                seed=sc.seed, loss_fn=lambda b: (_lm_loss_sum(ddp, b, pad, device), {}),
@@ -152,11 +174,14 @@ def _sft_worker(config: dict) -> None:
         if sc.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         after = eval_loss(model, held, pad, chunk, device, rank, world) if held else None
+        judge_after = judge() if judged else None
         if trackers and after is not None:
-            trackers.log({"heldout_loss": after}, len(history))
+            trackers.log({"heldout_loss": after, **({"judge": _scores(judge_after)} if judge_after else {})},
+                         len(history))
     if rank != 0:
         return
     summary = {**config["summary"], "steps": len(history), "trainable_params": sum(p.numel() for p in params),
                "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-               "heldout_loss_before": before, "heldout_loss_after": after}
+               "heldout_loss_before": before, "heldout_loss_after": after, **peak_memory(device),
+               **({"judge_before": judge_before, "judge_after": judge_after} if judged else {})}
     save_model(model, load_tokenizer(base), Path(summary["output"]), summary)
