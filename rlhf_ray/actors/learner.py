@@ -320,7 +320,9 @@ def _load_method_tensors(model: torch.nn.Module, adapter: AdapterVersion, method
         raise ValueError(f"checkpoint holds a {saved or 'lora'} policy, but learner.method={method}")
     own = {n: p for n, p in model.named_parameters()}
     if method != "full":
-        own = {n: p for n, p in own.items() if n.rsplit(".", 1)[-1].startswith(("ssf_", "repadapter_"))}
+        from ..models.methods import is_method_param
+
+        own = {n: p for n, p in own.items() if is_method_param(n)}
     missing, unexpected = set(own) - set(adapter.tensors), set(adapter.tensors) - set(own)
     if method != "full" and (missing or unexpected):
         raise ValueError(f"checkpoint {method} tensors do not fit this model: missing {sorted(missing)[:3]}, "

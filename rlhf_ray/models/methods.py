@@ -259,10 +259,14 @@ def _bias_flags(model: nn.Module, leaves: set[str]) -> list[str]:
     return flags
 
 
+def is_method_param(name: str) -> bool:
+    """Whether a parameter name is one of SSF's or RepAdapter's own tensors."""
+    return name.rsplit(".", 1)[-1].startswith(("ssf_", "repadapter_"))
+
+
 def method_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The method's own tensors (SSF/RepAdapter), by their names in the model."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1].startswith(("ssf_", "repadapter_"))}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if is_method_param(n)}
 
 
 def save_method(model: nn.Module, out: Path) -> Path:
@@ -301,7 +305,7 @@ def load_method(model: nn.Module, path: Path, task_type: str = "CAUSAL_LM") -> n
     spec = MethodSpec(**fields)
     model = apply_method(model, spec, task_type)
     tensors = load_file(str(path / WEIGHTS_FILE))
-    own = {n for n in dict(model.named_parameters()) if n.rsplit(".", 1)[-1].startswith(("ssf_", "repadapter_"))}
+    own = {n for n, _ in model.named_parameters() if is_method_param(n)}
     missing = own - set(tensors)
     if missing:
         raise ValueError(f"{path / WEIGHTS_FILE}: no tensors for {sorted(missing)[:3]} (another model or settings?)")
