@@ -1,6 +1,7 @@
 """publish: what one published version costs per method (learner.method lora | ssf | repadapter |
 full), side by side in one run: a few PPO steps each on the config's model (one engine, one
-learner worker, the config's model itself as the base: no SFT stage), the bytes of a version as the generators receive it, and the generator's swap
+learner worker; the config's model itself as the base and a rule reward: no SFT or reward-model
+stage), the bytes of a version as the generators receive it, and the generator's swap
 time (LoRA: a new adapter registered; the others: vLLM's in-place reload of the merged layers
 and a prefix-cache reset), median over the steps after the first.
 
@@ -37,7 +38,8 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
         for m in methods:
             print(f"publish: {m} ...", flush=True)
             c = load_config(base_yaml, [f"learner.method={m}", "rollout.num_engines=1", "learner.num_workers=1",
-                                        f"ppo.steps={STEPS}", "ppo.base=model", f"output.dir={tmp}", f"output.name=publish_{m}",
+                                        f"ppo.steps={STEPS}", "ppo.base=model", "reward.rule=letter_e",
+                                        f"output.dir={tmp}", f"output.name=publish_{m}",
                                         "output.trackers=[jsonl]", "rollout.max_staleness=0",
                                         *(["reference.mode=separate"] if m == "full" else [])])
             with PPOTrainer(c, progress=False, overwrite=True) as tr:
