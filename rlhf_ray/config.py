@@ -95,7 +95,8 @@ class ModelConfig:
     tiny_heads: int = 2  # head dim = hidden / heads; vLLM's CPU attention wants 32..256
     tiny_vocab: int = 512  # vocabulary of the tiny model's tokenizer (trained on tiny_corpus)
     tiny_max_positions: int = 256  # the tiny model's context length, in tokens
-    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews, math or objective (data.task's)
+    tiny_corpus: str = "reviews"  # the text its tokenizer learns: reviews, math, objective or dialogue (data.task's)
+    tiny_arch: str = "llama"  # the tiny model's architecture: llama (decoder-only) or t5 (encoder-decoder, Flan-T5's layout)
     seed: int = 0  # seeds the tiny model's initialisation and the learner's value head
 
     def __post_init__(self) -> None:
@@ -104,6 +105,7 @@ class ModelConfig:
         from .data.task import TASKS
 
         _one_of(self, "tiny_corpus", list(TASKS))
+        _one_of(self, "tiny_arch", ("llama", "t5"))
         _check(self.tiny_hidden % self.tiny_heads == 0, "tiny_hidden",
                f"must be divisible by tiny_heads={self.tiny_heads}, got {self.tiny_hidden}")
         _seed(self)
@@ -157,7 +159,7 @@ class PeftConfig:
 class DataConfig:
     """Prompts for PPO, and how every loader treats records. None = the generated task."""
 
-    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment), math (GSM8K-shaped) or objective (classification questions in four FewCLUE shapes)
+    task: str = "reviews"  # the generated task where no file is given: reviews (sentiment), math (GSM8K-shaped), objective (classification questions in four FewCLUE shapes) or dialogue (SAMSum-shaped summaries)
     prompts_path: Optional[str] = None  # JSONL/JSON file, `datasets` dir or hub name: `prompt`, or text + label
     num_prompts: int = 256  # how many prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
@@ -169,6 +171,7 @@ class DataConfig:
     prompt_words: Optional[int] = None  # keep the first N words of each text as the prompt
     chat_template: str = "auto"  # message lists: auto (the tokenizer's template, if any), none (plain), or a Jinja file
     over_long: str = "truncate"  # prompts/dialogues over a length limit: truncate (oldest tokens) or drop
+    dialogue_template: str = "summarize: {dialogue}"  # records with a `dialogue` column (SAMSum, DialogSum): the prompt; `summary` is the response
     seed: int = 0  # seeds the generated task and the prompt order
 
     def __post_init__(self) -> None:
@@ -182,6 +185,8 @@ class DataConfig:
         _check(t in ("auto", "none") or (t.strip() == t != "" and t.lower() not in ("auto", "none", "null")),
                "chat_template", f"must be 'auto', 'none' or the path of a Jinja template file, got {t!r}")
         _one_of(self, "over_long", ("truncate", "drop"))
+        _check("{dialogue}" in self.dialogue_template, "dialogue_template",
+               f"must contain {{dialogue}} (where the dialogue goes), got {self.dialogue_template!r}")
         _check(self.prompt_words is None or self.prompt_words > 0, "prompt_words",
                f"must be > 0 or null, got {self.prompt_words!r}")
         _seed(self)
@@ -241,6 +246,12 @@ class RMConfig:
     num_pairs: int = 1000  # how many pairs to generate (null data_path only)
     max_pairs: Optional[int] = None  # read at most this many records of data_path (null = all of it)
     base: str = "sft"  # sft: start from the SFT model (<run_dir>/sft_model); model: from model.path/tiny
+    # pairwise: a one-output reward model trained on chosen/rejected pairs (ranking loss with a margin);
+    # classifier: a sequence classifier trained on labelled texts (`text`, `label`), scored as one
+    # class's logit (reward.label), built locally as a tiny RoBERTa or fine-tuned from classifier_base
+    kind: str = "pairwise"
+    classifier_base: Optional[str] = None  # classifier: an encoder classifier to fine-tune (dir or hub id); null = a tiny RoBERTa built here
+    label_names: Optional[List[str]] = None  # classifier: class names by label id; null = the generated task's, or the file's sorted labels
     method: str = "full"  # full | lora | dora | ia3 | ssf | repadapter: what trains besides the score head (merged on save, and kept unmerged in reward_model/adapter)
     use_margin: bool = True  # subtract each pair's `margin` inside the ranking loss
     epochs: int = 2  # passes over the training pairs
@@ -262,6 +273,9 @@ class RMConfig:
         _check_stage_workers(self)
         _one_of(self, "method", METHODS)
         _one_of(self, "base", ("sft", "model"))
+        _one_of(self, "kind", ("pairwise", "classifier"))
+        _check(self.label_names is None or len(set(self.label_names)) == len(self.label_names) >= 2, "label_names",
+               f"must name at least 2 distinct classes, or be null, got {self.label_names!r}")
         _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
         _seed(self)
 
@@ -270,7 +284,7 @@ class RMConfig:
 class EvalConfig:
     """The independent judge, run on held-out prompts before and after PPO."""
 
-    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (the final number of an `answer` column), label_match (the first word against an `answer` label word; accuracy per `set` column), or none
+    judge: str = "positive_sentiment"  # positive_sentiment (reviews), exact_match (the final number of an `answer` column), label_match (the first word against an `answer` label word; accuracy per `set` column), rouge (ROUGE-1/2/L/Lsum against a `summary` column; the score is ROUGE-L), or none
     prompts_path: Optional[str] = None  # null = generated prompts from the held-out subjects
     num_prompts: int = 128  # how many held-out prompts to generate (null prompts_path only)
     max_prompts: Optional[int] = None  # read at most this many records of prompts_path (null = all of it)
@@ -289,9 +303,13 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """vLLM generator actors; their count is independent of the learner's workers."""
+    """Generator actors (vLLM engines, or transformers); their count is independent of the learner's workers."""
 
-    num_engines: int = 2  # vLLM engines (generator actors), each serving the current adapter
+    # vllm | transformers (generate on the PEFT model, the adapter swapped in place: what serves
+    # encoder-decoder models, which vLLM 0.32 does not) | auto (transformers for an encoder-decoder model, else vllm)
+    engine: str = "auto"
+    batch_rows: int = 64  # transformers engine: sequences generated together in one batch
+    num_engines: int = 2  # engines (generator actors), each serving the current adapter
     samples_per_prompt: int = 1  # vLLM's n: samples of one prompt, generated together on one engine
     max_new_tokens: int = 24  # longest response, in tokens; a response cut here has no EOS (ppo.truncated says what it earns)
     # Sampling. The learner models temperature, top_k and top_p exactly (its log-probs, KL and
@@ -327,6 +345,8 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", f"must be >= 1, got {self.num_engines!r}")
+        _one_of(self, "engine", ("auto", "vllm", "transformers"))
+        _positive(self, "batch_rows")
         _positive(self, "samples_per_prompt", "max_new_tokens", "temperature", "max_lora_rank", "max_loras")
         # vLLM's own LoRAConfig refuses any other value, but only inside a rollout actor.
         _check(self.max_lora_rank in VLLM_MAX_LORA_RANKS, "max_lora_rank",
@@ -379,6 +399,10 @@ class RewardConfig:
     functions: List[RewardFunctionConfig] = field(default_factory=list)  # [{path: file.py:fn, weight: 1.0, name: x}]
     url: Optional[str] = None  # POST JSON batches here and read back scores (a reward served elsewhere)
     url_weight: float = 1.0  # the remote scorer's factor in the sum
+    # A classifier with several classes (e.g. a hate-speech model): the reward is this class's
+    # score, of the response text alone; a class name of its config's id2label, or an index
+    label: Optional[str] = None
+    label_score: str = "logit"  # logit (the class's logit) or prob (its softmax probability)
     timeout_s: float = 120.0  # per call of a function or of reward.url
     retries: int = 3  # reward.url: attempts after the first (connection errors, timeouts, 5xx)
     num_actors: int = 1  # reward actors; each step's samples are dealt among them
@@ -392,6 +416,8 @@ class RewardConfig:
         from .rules import RULES
 
         _one_of(self, "rule", sorted(RULES), nullable=True)
+        _one_of(self, "label_score", ("logit", "prob"))
+        _check(self.label is None or str(self.label).strip() != "", "label", "must name a class, or be null")
         _nonnegative(self, "num_cpus", "num_gpus")
         _check(self.url is None or self.url.startswith(("http://", "https://")), "url",
                f"must be an http:// or https:// URL, got {self.url!r}")
@@ -683,6 +709,9 @@ class Config:
         _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
                f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.rollout.engine != "transformers" or self.learner.method == "lora", "rollout.engine",
+               f"the transformers engine serves LoRA adapters only, but learner.method={self.learner.method}: "
+               "use rollout.engine=vllm for merged-weight methods")
         _check(self.learner.method != "full" or self.reference.mode == "separate", "learner.method",
                "full fine-tuning has no adapter to switch off for the reference: set reference.mode=separate "
                "(a second copy of the model)")

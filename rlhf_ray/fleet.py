@@ -50,9 +50,11 @@ class RolloutFleet:
     def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float,
                  placement: Optional[RolePlacement] = None):
         from .actors.engine import allocator_env
+        from .actors.hf_rollout import engine_kind
 
         self.cfg, self.model_path, self.max_model_len, self.timeout = cfg, model_path, max_model_len, timeout_s
-        self.env = allocator_env(cfg)  # before any generator starts: a missing tcmalloc fails here
+        self.engine = engine_kind(cfg, model_path)  # before any generator starts, like the allocator
+        self.env = allocator_env(cfg) if self.engine == "vllm" else {}  # a missing tcmalloc fails here
         self.placement = placement
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0
@@ -92,6 +94,7 @@ class RolloutFleet:
     def _spawn(self, slot: Optional[str] = None) -> tuple[str, Any]:
         """A new generator; ``slot``: the layout name whose placement bundle it takes (a
         replacement takes its predecessor's; by default its own name's, if the layout has one)."""
+        from .actors.hf_rollout import TransformersGenerator
         from .actors.rollout import RolloutGenerator
 
         i = self._spawned
@@ -99,7 +102,8 @@ class RolloutFleet:
         name = f"rollout-{i}"
         self._slot[name] = slot or name
         r = self.cfg.rollout
-        return name, spawn(RolloutGenerator, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
+        cls = RolloutGenerator if self.engine == "vllm" else TransformersGenerator
+        return name, spawn(cls, self.cfg, self.model_path, name, num_cpus=r.num_cpus,
                            num_gpus=r.num_gpus, seed=r.seed + i, max_model_len=self.max_model_len, env=self.env,
                            placement=self.placement.options(self._slot[name]) if self.placement else None)
 

@@ -36,7 +36,7 @@ class LearnerCore:
 
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, world: int = 1,
                  device: Optional[torch.device] = None):
-        from ..models import add_lora, load_causal_lm
+        from ..models import add_lora
         from ..models.policy import PolicyWithValue, Sampling
 
         self.cfg, self.rank, self.world = cfg, rank, world
@@ -46,11 +46,14 @@ class LearnerCore:
         # Same seed on every rank: identical LoRA init (DDP also checks it) and the same
         # minibatch order, so every rank takes its share of the same global minibatch.
         torch.manual_seed(cfg.model.seed)
-        base = load_causal_lm(model_path, cfg.model.dtype, device=self.device)
+        from ..models.seq2seq import load_policy_lm
+
+        base = load_policy_lm(model_path, cfg.model.dtype, device=self.device)
         if lc.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lc.method == "lora":
-            peft_model = add_lora(base, cfg.lora)
+            peft_model = add_lora(base, cfg.lora, task_type="SEQ_2_SEQ_LM" if base.config.is_encoder_decoder
+                                  else "CAUSAL_LM")
         else:  # served as merged weights (sync.extract_method)
             from ..models.methods import MethodPolicy, MethodSpec, apply_method
 

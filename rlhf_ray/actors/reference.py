@@ -18,7 +18,7 @@ class ReferencePolicy:
     role = "reference"
 
     def __init__(self, cfg: Config, model_path: str):
-        from ..models import load_causal_lm
+        from ..models.seq2seq import load_policy_lm
         from ..models.policy import Sampling
 
         redirect_output(self.role)  # before vLLM / transformers print anything
@@ -27,7 +27,7 @@ class ReferencePolicy:
         self.device = role_device(self.role, cfg.reference.num_gpus, f"reference.num_gpus={cfg.reference.num_gpus:g}",
                                   rehearse=cfg.cluster.rehearse)
         self.memory = MemorySampler()
-        self.model = load_causal_lm(model_path, cfg.model.dtype, device=self.device).eval()
+        self.model = load_policy_lm(model_path, cfg.model.dtype, device=self.device).eval()
         self.sampling = Sampling.from_config(cfg.rollout).untruncated()
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:

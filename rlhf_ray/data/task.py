@@ -146,6 +146,14 @@ def _sentiment(response: str, columns: dict) -> Verdict:
     return judge(response)
 
 
+def _rouge(response: str, columns: dict):
+    from .dialogue import rouge
+
+    return rouge(response, columns)
+
+
 # name -> judge(response, the prompt record's other columns) -> a verdict with .score in [0, 1]
-JUDGES = {"positive_sentiment": _sentiment, "exact_match": exact_match, "label_match": label_match}
-TASKS = ("reviews", "math", "objective")  # data.task: what the stages generate when no file is given
+# (and, for ROUGE, .parts: each ROUGE figure)
+JUDGES = {"positive_sentiment": _sentiment, "exact_match": exact_match, "label_match": label_match,
+          "rouge": _rouge}
+TASKS = ("reviews", "math", "objective", "dialogue")  # data.task: what the stages generate when no file is given

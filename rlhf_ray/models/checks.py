@@ -96,6 +96,10 @@ def linear_modules(config, head: str = "causal_lm") -> list[str]:
             config = copy.deepcopy(config)  # the caller's config stays as read
             config.num_labels = 1
             net = AutoModelForSequenceClassification.from_config(config)
+        elif getattr(config, "is_encoder_decoder", False):
+            from transformers import AutoModelForSeq2SeqLM
+
+            net = AutoModelForSeq2SeqLM.from_config(config)
         else:
             net = AutoModelForCausalLM.from_config(config)
     return [name for name, m in net.named_modules()

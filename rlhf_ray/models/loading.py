@@ -24,7 +24,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         return str(build_tiny_model(
             Path(cfg.tiny_dir).resolve(), layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
             vocab_size=cfg.tiny_vocab, max_positions=cfg.tiny_max_positions, seed=cfg.seed,
-            corpus_name=cfg.tiny_corpus,
+            corpus_name=cfg.tiny_corpus, arch=cfg.tiny_arch,
         ))
     return resolve_path(cfg.path, "model.path")
 

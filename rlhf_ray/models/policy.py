@@ -37,10 +37,18 @@ class Sampling:
         return Sampling(self.temperature)
 
 
-def last_hidden(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The decoder's last hidden state, shape (batch, seq, hidden): no KV cache, no per-layer
     hidden states kept, no logits (``causal_lm`` is a transformers CausalLM, with or without
-    PEFT layers injected)."""
+    PEFT layers injected). An encoder-decoder model (``action_mask`` says where each row's
+    response starts) gives its decoder's states in the same layout (``models.seq2seq``)."""
+    if getattr(causal_lm.config, "is_encoder_decoder", False):
+        if action_mask is None:
+            raise ValueError("an encoder-decoder policy needs the action mask to split prompt and response")
+        from .seq2seq import aligned_hidden
+
+        return aligned_hidden(causal_lm, input_ids, attention_mask, action_mask)
     decoder = causal_lm.get_decoder()
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
@@ -114,7 +122,7 @@ def response_logprobs(
 def sequence_logprobs(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
                       sampling: Sampling, chunk_tokens: int = 2048) -> torch.Tensor:
     """Response-token log-probs of a frozen model. Shape (batch, seq - 1), 0 outside the mask."""
-    hidden = last_hidden(causal_lm, input_ids, attention_mask)
+    hidden = last_hidden(causal_lm, input_ids, attention_mask, action_mask)
     lp, _ = response_logprobs(hidden, causal_lm.get_output_embeddings(), input_ids, action_mask, sampling,
                               chunk_tokens=chunk_tokens)
     return lp
@@ -146,7 +154,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
                 with_entropy: bool = False, grad_entropy: bool = False):
         lm = self.causal_lm
-        hidden = last_hidden(lm, input_ids, attention_mask)
+        hidden = last_hidden(lm, input_ids, attention_mask, action_mask)
         logprobs, entropy = response_logprobs(hidden, lm.get_output_embeddings(), input_ids, action_mask,
                                               self.sampling, chunk_tokens=self.chunk_tokens,
                                               with_entropy=with_entropy, grad_entropy=grad_entropy)
