@@ -75,6 +75,11 @@ def _cmd_train_rm(cfg: Config, args: argparse.Namespace) -> int:
 
     s = run_train_rm(cfg)
     b, a = s["heldout_before"], s["heldout_after"]
+    if s.get("kind") == "classifier":
+        print(f"train-rm: a classifier of {s['labels']} on {s['train_examples']} texts, {s['steps']} steps; held-out "
+              f"accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f} over {a['examples']} texts; {s['time_s']:.1f}s\n"
+              f"model: {s['output']}")
+        return 0
     print(f"train-rm: {s['train_pairs']} pairs, {s['steps']} steps; held-out pair accuracy {b['accuracy']:.3f} -> "
           f"{a['accuracy']:.3f}, reward gap {b['reward_gap']:.3f} -> {a['reward_gap']:.3f} over {a['pairs']} pairs"
           f"{heldout_note(a['pairs'], 'pairs')}; {s['time_s']:.1f}s\nmodel: {s['output']}")

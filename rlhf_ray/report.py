@@ -80,7 +80,12 @@ def targets(sft: Optional[dict], rm: Optional[dict], ppo: Optional[dict],
     def goal(text: str, met: bool) -> dict:
         return {"goal": text, "met": met} if builtin else {"goal": "(built-in task only)", "met": None}
 
-    if rm:
+    if rm and rm.get("kind") == "classifier":
+        acc = rm["heldout_after"]["accuracy"]
+        rows.append({"target": "reward classifier: held-out accuracy",
+                     "value": f"{acc:.3f}" + heldout_note(rm["heldout_after"].get("examples"), "texts"),
+                     **goal(f">= {RM_ACCURACY_TARGET:.2f}", acc >= RM_ACCURACY_TARGET)})
+    elif rm:
         acc = rm["heldout_after"]["accuracy"]
         rows.append({"target": "reward model: held-out pair accuracy",
                      "value": f"{acc:.3f}" + heldout_note(rm["heldout_after"].get("pairs"), "pairs"),
@@ -170,7 +175,13 @@ def render(run_dir: Path, name: str) -> str:
                            f"{sft.get('method', sft.get('mode'))}, {sft['train_examples']} examples, {sft['steps']} steps; held-out loss "
                            f"{sft['heldout_loss_before'] or float('nan'):.3f} -> {sft['heldout_loss_after'] or float('nan'):.3f}"
                            f"{heldout_note(sft.get('heldout_examples'), 'examples')}"])
-    if rm:
+    if rm and rm.get("kind") == "classifier":
+        b, a = rm["heldout_before"], rm["heldout_after"]
+        stage_rows.append(["reward classifier", f"{rm['time_s']:.1f}",
+                           f"classes {rm['labels']}, {rm['train_examples']} texts, {rm['steps']} steps; held-out "
+                           f"accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}"
+                           f"{heldout_note(a.get('examples'), 'texts')}"])
+    elif rm:
         b, a = rm["heldout_before"], rm["heldout_after"]
         stage_rows.append(["reward model", f"{rm['time_s']:.1f}",
                            f"{rm.get('method', rm.get('mode'))}, {rm['train_pairs']} pairs, {rm['steps']} steps, margin "
@@ -179,11 +190,11 @@ def render(run_dir: Path, name: str) -> str:
                            f"{a['reward_gap']:.2f} (raw scale)"])
     if ppo:
         stage_rows.append(["PPO", f"{ppo.get('time_s', float('nan')):.1f}",
-                           f"{ppo['steps']} steps, {ppo['rollout_actors']} vLLM rollout actors, "
+                           f"{ppo['steps']} steps, {ppo['rollout_actors']} {_engine(ppo)} rollout actors, "
                            f"{ppo['learner_workers']} Ray Train workers; start-up {ppo['startup_s']:.1f} s, "
                            f"{ppo['samples_per_s'] or 0:.1f} samples/s after step 0; reward "
                            f"{ppo['reward_first']:.2f} -> {ppo['reward_last']:.2f}; stale samples "
-                           f"{ppo['stale_samples']}; max log-prob gap vLLM vs learner {ppo['logprob_gap_max']:.1e}; "
+                           f"{ppo['stale_samples']}; max log-prob gap {_engine(ppo)} vs learner {ppo['logprob_gap_max']:.1e}; "
                            f"responses cut at the limit {100 * (ppo.get('truncation_rate_mean') or 0):.1f}% "
                            f"(ppo.truncated={ppo.get('truncated', '?')}); adapter {ppo.get('adapter')}"])
     out += [_table(["stage", "time (s)", "figures"], stage_rows), ""]
@@ -203,6 +214,12 @@ def render(run_dir: Path, name: str) -> str:
                 out += [f"- `{x['prompt']}` -> `{x['response'].strip()}` (reward {x['reward']:.2f}"
                         + (f", judge {x['judge']:.0f}" if "judge" in x else "") + ")" for x in e["examples"][:5]]
                 out += [""]
+    rouge = _parts_table(sft, ppo)
+    if rouge:
+        out += ["## ROUGE", "",
+                "Against each held-out prompt's reference summary (`rouge-score`, stemmed; F-measures). SFT "
+                "columns: greedy decoding on the SFT stage's model; PPO columns: samples from the engines at "
+                "the rollout's temperature.", "", rouge, ""]
     by_set = _by_set_table(sft, ppo)
     if by_set:
         out += ["## Accuracy per set", "",
@@ -246,3 +263,25 @@ def targets_table(run_dir: Path) -> str:
     lines = [f"{'target':<{w}}  {'value':<{v}}  {'goal':<{g}}  met"]
     lines += [f"{r['target']:<{w}}  {r['value']:<{v}}  {r['goal']:<{g}}  {_met(r['met']).strip('*')}" for r in rows]
     return "\n".join(lines)
+
+
+def _engine(ppo: dict) -> str:
+    return {"vllm": "vLLM", "transformers": "transformers"}.get(ppo.get("rollout_engine", "vllm"), "vLLM")
+
+
+def _parts_table(sft: Optional[dict], ppo: Optional[dict]) -> str:
+    """The judge's several figures (ROUGE-1/2/L/Lsum) before and after each stage, where it has them."""
+    cols = []
+    for stage, rec in (("SFT", sft), ("PPO", ppo)):
+        if not rec:
+            continue
+        pair = (rec.get("judge_before"), rec.get("judge_after")) if stage == "SFT" else (
+            (rec.get("eval") or {}).get("before"), (rec.get("eval") or {}).get("after"))
+        for when, j in zip(("before", "after"), pair):
+            if j and j.get("judge_parts"):
+                cols.append((f"{stage} {when}", j["judge_parts"]))
+    if not cols:
+        return ""
+    keys = list(cols[0][1])
+    return _table(["figure"] + [c for c, _ in cols], [[k] + [f"{p.get(k, float('nan')):.4f}" for _, p in cols]
+                                                       for k in keys])

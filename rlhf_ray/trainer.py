@@ -109,6 +109,9 @@ class PPOTrainer:
         self.reward_path = reward_path(cfg)
         self.tokenizer = load_tokenizer(self.model_path)
         check_inputs(cfg, self.model_path, self.tokenizer, key="ppo.base", reward_path=self.reward_path)
+        from .actors.hf_rollout import engine_kind
+
+        self.engine = engine_kind(cfg, self.model_path)  # vLLM asked to serve an encoder-decoder policy: refused here
         self._context = min(self.tokenizer.model_max_length, _context_length(self.model_path))
         # Rendered with data.chat_template, fitted to data.max_prompt_tokens (data.over_long).
         lengths = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_model_len": self._context}
@@ -328,6 +331,9 @@ class PPOTrainer:
             out["judge_score"] = sum(v.score for v in verdicts) / len(verdicts)
             if hasattr(verdicts[0], "in_vocabulary"):
                 out["in_vocabulary_rate"] = sum(v.in_vocabulary for v in verdicts) / len(verdicts)
+            from .judging import judge_parts
+
+            out.update(judge_parts(verdicts))  # ROUGE-1/2/L/Lsum
             if any("set" in c for c in samples.columns):  # several evaluation sets (objective questions)
                 per_set = by_set([v.score for v in verdicts], samples.columns)
                 out["judge_by_set"], out["judge_sets_mean"] = per_set, sum(per_set.values()) / len(per_set)
@@ -666,8 +672,8 @@ class PPOTrainer:
         total = sum(r["time_s"]["total"] for r in steady)
         return {
             "stage": "ppo", "time_s": time.perf_counter() - self._t0, "base": self.model_path, "reward_model": self.reward_path,
-            "rollout_actors": len(self.fleet.members), "learner_workers": self.cfg.learner.num_workers,
-            "reference_mode": self.cfg.reference.mode, "startup_s": self.startup_s,
+            "rollout_actors": len(self.fleet.members), "rollout_engine": self.engine,
+            "learner_workers": self.cfg.learner.num_workers, "reference_mode": self.cfg.reference.mode, "startup_s": self.startup_s,
             "startup_parts": self.startup_parts, "steps": len(records),
             "rehearsal": self.cfg.cluster.rehearse, "placement": self.layout,
             "samples_per_s": sum(r["samples"] for r in steady) / total if total else None,

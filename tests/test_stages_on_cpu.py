@@ -136,7 +136,7 @@ def test_reward_model_lora_method_trains_the_score_head_too(sft_run, stage_cfg):
     assert s["train_loss_last"] < s["train_loss_first"]
     from rlhf_ray.models.reward import load_reward_model
 
-    model, _ = load_reward_model(s["output"])
+    model, _, _ = load_reward_model(s["output"])
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 

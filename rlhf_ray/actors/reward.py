@@ -56,7 +56,8 @@ class RewardScorer:
 
             self.device = role_device(self.role, cfg.reward.num_gpus, f"reward.num_gpus={cfg.reward.num_gpus:g}",
                                       rehearse=cfg.cluster.rehearse)
-            self.model, self.tokenizer = load_reward_model(reward_path, cfg.model.dtype, device=self.device)
+            self.model, self.tokenizer, self.label_index = load_reward_model(reward_path, cfg.model.dtype,
+                                                                             device=self.device, label=cfg.reward.label)
             self.tokenizer.padding_side = "right"
             # Unit-scale rewards (train-rm's statistics), so ppo.kl_coef means the same for any RM.
             norm = load_normalizer(reward_path) or {"mean": 0.0, "std": 1.0}
@@ -66,12 +67,20 @@ class RewardScorer:
     def _model_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         from ..stages.rm import reward_text
 
-        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
+        # A classifier judges the response alone (is this summary hateful?), as it was trained.
+        texts = responses if self.label_index is not None else [reward_text(p, r) for p, r in zip(prompts, responses)]
         scores: list[float] = []
         bs = self.cfg.reward.batch_size
         for i in range(0, len(texts), bs):
             enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True).to(self.device)
-            scores += ((self.model(**enc).logits[:, 0].float().cpu() - self.shift) / self.scale).tolist()
+            logits = self.model(**enc).logits.float().cpu()
+            if self.label_index is None:
+                raw = logits[:, 0]
+            elif self.cfg.reward.label_score == "prob":
+                raw = logits.softmax(dim=-1)[:, self.label_index]
+            else:
+                raw = logits[:, self.label_index]
+            scores += ((raw - self.shift) / self.scale).tolist()
         return scores
 
     def components_of(self, prompts: list[str], responses: list[str], columns: Optional[list[dict]] = None, *,

@@ -398,9 +398,13 @@ def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 # -- the three shapes -----------------------------------------------------------------------
-def parse_sft(rec: dict, render: Renderer = PLAIN) -> dict[str, str]:
+def parse_sft(rec: dict, render: Renderer = PLAIN, dialogue_template: str = "summarize: {dialogue}") -> dict[str, str]:
     """-> {"prompt", "response"}; a ``text``-only record has an empty prompt (loss on all of it);
-    ``question`` + ``answer`` (GSM8K's shape) is a prompt and its worked answer."""
+    ``question`` + ``answer`` (GSM8K's shape) is a prompt and its worked answer; ``dialogue`` +
+    ``summary`` (SAMSum's, DialogSum's) is ``dialogue_template`` filled and the summary."""
+    if "dialogue" in rec and "summary" in rec and "prompt" not in rec:
+        return {"prompt": dialogue_template.format(dialogue=_text(rec, "dialogue").strip()),
+                "response": _text(rec, "summary").strip()}
     if "messages" in rec:
         prompt, response = render.dialogue(rec["messages"], "messages")
     elif "question" in rec and "answer" in rec and "prompt" not in rec:
@@ -413,7 +417,7 @@ def parse_sft(rec: dict, render: Renderer = PLAIN) -> dict[str, str]:
     elif "text" in rec:
         prompt, response = "", _text(rec, "text")
     else:
-        raise BadRecord(f"expected prompt+response, prompt+completion, question+answer, text or messages "
+        raise BadRecord(f"expected prompt+response, prompt+completion, question+answer, dialogue+summary, text or messages "
                         f"(has {sorted(rec)})")
     return {"prompt": prompt, "response": response}
 
@@ -457,6 +461,9 @@ def prompt_parser(cfg: DataConfig, report: LoadReport,
 
     def parse(rec: dict) -> Optional[tuple[str, dict]]:
         name = cfg.text_field or next((k for k in TEXT_FIELDS if k in rec), None)
+        if name is None and isinstance(rec.get("dialogue"), str):  # SAMSum's shape: the summary stays a column
+            return cfg.dialogue_template.format(dialogue=_text(rec, "dialogue").strip()), {
+                k: v for k, v in rec.items() if k != "dialogue"}
         if name is None and isinstance(rec.get("chosen"), str):  # a preference set: the dialogue before the reply
             return _dialogue_turn(_text(rec, "chosen"), "chosen")[0], {k: v for k, v in rec.items()}
         if name is None:
@@ -477,8 +484,9 @@ def prompt_parser(cfg: DataConfig, report: LoadReport,
     return parse
 
 
-def load_sft(path: str, key: str, on_bad: str, limit: Optional[int] = None, render: Renderer = PLAIN):
-    return load(path, key, lambda rec: parse_sft(rec, render), on_bad, limit)
+def load_sft(path: str, key: str, on_bad: str, limit: Optional[int] = None, render: Renderer = PLAIN,
+             dialogue_template: str = "summarize: {dialogue}"):
+    return load(path, key, lambda rec: parse_sft(rec, render, dialogue_template), on_bad, limit)
 
 
 def load_preferences(path: str, key: str, on_bad: str, limit: Optional[int] = None, render: Renderer = PLAIN):

@@ -30,8 +30,13 @@ def load_prompt_texts(cfg: DataConfig, path: str | None, *, key: str = "data.pro
     return [text for text, _ in records]
 
 
-def generated_prompts(task: str, num: int, seed: int, split: str) -> list[tuple[str, dict]]:
-    """(text, columns) of ``num`` prompts of the generated task ``task`` (data.task)."""
+def generated_prompts(task: str, num: int, seed: int, split: str, template: str | None = None) -> list[tuple[str, dict]]:
+    """(text, columns) of ``num`` prompts of the generated task ``task`` (data.task);
+    ``template``: data.dialogue_template, for the dialogue task."""
+    if task == "dialogue":
+        from .dialogue import DEFAULT_TEMPLATE, prompts as dialogue_prompts
+
+        return dialogue_prompts(num, seed, split, template or DEFAULT_TEMPLATE)
     if task == "math":
         from .math_task import math_problems
 
@@ -50,7 +55,7 @@ def _load_records(cfg: DataConfig, path: str | None, key: str, num: int | None, 
     from .loaders import load_prompt_records
 
     if path is None:
-        records = generated_prompts(cfg.task, num or cfg.num_prompts, cfg.seed, split)
+        records = generated_prompts(cfg.task, num or cfg.num_prompts, cfg.seed, split, cfg.dialogue_template)
         where = [f"generated {split} prompt {i}" for i in range(len(records))]
         return records, where, LoadReport(f"generated {cfg.task} task", read=len(records), kept=len(records))
     where: list[str] = []

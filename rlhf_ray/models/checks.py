@@ -44,7 +44,14 @@ def check_inputs(cfg: Config, model_path: str, tokenizer, *, key: str = "model.p
             reward_tokenizer = load_tokenizer(reward_path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"reward.path={reward_path!r}: cannot load its tokenizer ({_first_line(e)})") from None
-        check_vocab(model_config(reward_path, "reward.path"), reward_path, reward_tokenizer, "reward.path")
+        reward_config = model_config(reward_path, "reward.path")
+        check_vocab(reward_config, reward_path, reward_tokenizer, "reward.path")
+        from .reward import class_index
+
+        try:
+            class_index(reward_config, cfg.reward.label)
+        except ValueError as e:
+            raise ConfigError(f"{e} (reward model at {reward_path})") from None
 
 
 def check_writable(key: str, path: str | Path) -> None:

@@ -157,6 +157,10 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from ..models import load_tokenizer
     from ..models.checks import check_inputs
 
+    if cfg.rm.kind == "classifier":
+        from .classifier import run_train_classifier
+
+        return run_train_classifier(cfg, progress=progress)
     rc = cfg.rm
     clock = Clock()
     base = base_model(cfg, rc.base, "rm.base")

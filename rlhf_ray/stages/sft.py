@@ -25,13 +25,17 @@ def sft_examples(cfg: Config, render: Renderer = PLAIN) -> tuple[list[dict[str, 
     if cfg.sft.data_path is None:
         from ..data import math_task, objective, task
 
+        if cfg.data.task == "dialogue":
+            from ..data import dialogue
+
+            return dialogue.sft_records(cfg.sft.num_examples, cfg.sft.seed, cfg.data.dialogue_template), None
         make = {"reviews": task.sft_records, "math": math_task.sft_records,
                 "objective": objective.sft_records}[cfg.data.task]
         return make(cfg.sft.num_examples, cfg.sft.seed), None
     from ..data.loaders import load_sft
 
     return load_sft(cfg.sft.data_path, "sft.data_path", cfg.data.on_bad_record, limit=cfg.sft.max_examples,
-                    render=render)
+                    render=render, dialogue_template=cfg.data.dialogue_template)
 
 
 def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadReport,
@@ -67,12 +71,32 @@ def encode(records: list[dict[str, str]], tokenizer, max_len: int, report: LoadR
 
 def _lm_loss_sum(model, batch: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> torch.Tensor:
     """Cross-entropy summed over the batch's labelled tokens (``_tokens`` counts them)."""
+    config = getattr(model, "module", model).config  # under DDP, the wrapped model's
+    if getattr(config, "is_encoder_decoder", False):
+        return _seq2seq_loss_sum(model, batch, pad_id, config, device)
     ids, mask = pad_right([b[0] for b in batch], pad_id)
     labels, _ = pad_right([b[1] for b in batch], pad_id, fill=-100)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100,
                                              reduction="sum")
+
+
+def _seq2seq_loss_sum(model, batch: list[tuple[list[int], list[int]]], pad_id: int, config,
+                      device=None) -> torch.Tensor:
+    """The same sum for an encoder-decoder model: the prompt (the unlabelled head of a row)
+    is the encoder's input, the response the decoder's target after its start token."""
+    from ..models.seq2seq import decoder_start_id
+
+    split = [sum(1 for x in lab if x == -100) for _, lab in batch]
+    enc, enc_mask = pad_right([ids[:k] or [pad_id] for (ids, _), k in zip(batch, split)], pad_id)
+    targets = [ids[k:] for (ids, _), k in zip(batch, split)]
+    dec_in, dec_mask = pad_right([[decoder_start_id(config)] + t[:-1] for t in targets], pad_id)
+    labels, _ = pad_right(targets, pad_id, fill=-100)
+    logits = model(input_ids=enc.to(device), attention_mask=enc_mask.to(device), decoder_input_ids=dec_in.to(device),
+                   decoder_attention_mask=dec_mask.to(device)).logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                                             ignore_index=-100, reduction="sum")
 
 
 def _tokens(batch: list[tuple[list[int], list[int]]]) -> int:
@@ -129,14 +153,15 @@ def run_sft(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
 def _scores(judged: dict[str, Any]) -> dict[str, Any]:
     """The judge's figures for the trackers (no counts or labels)."""
-    return {k: v for k, v in judged.items() if k in ("judge_score", "judge_sets_mean", "judge_by_set")}
+    return {k: v for k, v in judged.items() if k in ("judge_score", "judge_sets_mean", "judge_by_set", "judge_parts")}
 
 
 def _sft_worker(config: dict) -> None:
     import ray.train
 
     from ..devices import train_device
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_tokenizer
+    from ..models.seq2seq import load_policy_lm
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     sc = cfg.sft
@@ -146,8 +171,9 @@ def _sft_worker(config: dict) -> None:
     worker_threads()
     device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
     torch.manual_seed(sc.seed)
-    model = load_causal_lm(base, cfg.model.dtype, device)
-    model = apply_method(model, MethodSpec.from_config(cfg, sc.method))
+    model = load_policy_lm(base, cfg.model.dtype, device)
+    model = apply_method(model, MethodSpec.from_config(cfg, sc.method),
+                         "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     pad = load_tokenizer(base).pad_token_id
