@@ -309,7 +309,7 @@ class RolloutConfig:
     # encoder-decoder models, which vLLM 0.32 does not) | auto (transformers for an encoder-decoder model, else vllm)
     engine: str = "auto"
     batch_rows: int = 64  # transformers engine: sequences generated together in one batch
-    num_engines: int = 2  # engines (generator actors), each serving the current adapter
+    num_engines: int = 2  # generator actors (vLLM engines, or transformers models), each serving the current adapter
     samples_per_prompt: int = 1  # vLLM's n: samples of one prompt, generated together on one engine
     max_new_tokens: int = 24  # longest response, in tokens; a response cut here has no EOS (ppo.truncated says what it earns)
     # Sampling. The learner models temperature, top_k and top_p exactly (its log-probs, KL and

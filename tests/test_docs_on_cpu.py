@@ -35,7 +35,7 @@ def test_config_reference_is_current_and_explains_every_key():
 
 def test_explain_reads_the_comment_beside_above_and_under_a_key():
     docs = {k.key: k for k in config_doc.keys("rollout")}
-    assert docs["rollout.num_engines"].doc.startswith("vLLM engines")  # beside
+    assert docs["rollout.num_engines"].doc.startswith("generator actors")  # beside
     assert "Asynchronous rollouts" in docs["rollout.max_staleness"].doc  # the block above
     assert docs["rollout.kv_cache_mib"].doc.endswith("after weights and activations")  # continued under
     assert docs["rollout.kv_cache_mib"].unit == "MiB" and docs["rollout.kv_cache_mib"].type == "int or null"

@@ -2,6 +2,7 @@
 the meta device (no weights, no memory), so a 7B plan runs on a laptop, offline."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,15 +48,22 @@ def model_shape(model: str, lora_rank: int, target_modules: list[str]) -> ModelS
         ValueError: a LoRA target module that the model does not have.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = _config_path(model)
     if not path.is_file():
         raise FileNotFoundError(f"{model}: no config.json (the planner reads only the model's config.json)")
     config = AutoConfig.from_pretrained(str(path.parent))
+    encdec = bool(getattr(config, "is_encoder_decoder", False))
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config)
+        net = (AutoModelForSeq2SeqLM if encdec else AutoModelForCausalLM).from_config(config)
     total = sum(p.numel() for p in net.parameters())
+    head, inputs = net.get_output_embeddings(), net.get_input_embeddings()
+    if (encdec and json.loads(path.read_text()).get("tie_word_embeddings") is False and head is not None
+            and head.weight is inputs.weight):
+        # transformers 5 builds T5 with its output layer tied to the embedding, and unties it on
+        # loading a checkpoint that holds both (Flan-T5 and every T5 v1.1 do): count the second copy.
+        total += head.weight.numel()
     lora = targets = 0
     found: set[str] = set()
     linears = []
@@ -73,7 +81,10 @@ def model_shape(model: str, lora_rank: int, target_modules: list[str]) -> ModelS
     heads = config.num_attention_heads
     return ModelShape(
         total_params=total, lora_params=lora, lora_targets=targets, layers=config.num_hidden_layers,
-        hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
+        hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", None) or getattr(config, "d_ff"),
+        heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", 0), linears=tuple(linears))
+        # T5's positions are relative: n_positions is the length it was trained at
+        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0),
+        linears=tuple(linears))
