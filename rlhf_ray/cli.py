@@ -315,6 +315,8 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
     "peft": ("peft", "run"),  # not in `bench all`: it needs the objective-question config
     "publish": ("publish", "run"),
+    "engines": ("engines", "run"),  # the transformers rollout engine against vLLM on a decoder model
+    "summarise": ("summarise", "run"),  # not in `bench all`: it needs the T5 config (configs/tiny_t5_cpu.yaml)
 }
 
 
@@ -338,7 +340,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 # `bench all`, in this order: the cheap ones first, so a failure shows early. The soak runs short
 # (--steps, default 5); `bench soak --steps 300` is the long one.
 BENCH_ALL = ["sync", "rollout", "step", "memory", "scaling", "startup", "learner-memory", "soak", "compare-trl",
-             "lora-targets", "recipes", "presets", "publish"]
+             "lora-targets", "recipes", "presets", "publish", "engines"]
 
 
 def _bench_all(cfg: Config, args: argparse.Namespace) -> int:
@@ -494,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
             p.add_argument("--allow-dirty", action="store_true",
                            help="all: run from a tree with uncommitted changes (results marked uncommitted)")
-            p.add_argument("--repeats", type=int, default=3, help="rollout: timed rounds; startup: rounds of every variant")
-            p.add_argument("--num-prompts", type=int, default=64, help="rollout: prompts per round")
+            p.add_argument("--repeats", type=int, default=3, help="rollout, engines: timed rounds; startup: rounds of every variant")
+            p.add_argument("--num-prompts", type=int, default=64, help="rollout, engines: prompts per round")
             p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
             p.add_argument("--soak", type=int, default=1000, help="sync: soak publishes")
             p.add_argument("--steps", type=int, default=5, help="step/memory/scaling/soak: measured PPO steps "
