@@ -192,6 +192,25 @@ def score(prompts, responses, answer):
 """
 
 
+def test_ray_job_submit_runs_the_t5_pipeline(ray_head, tmp_path):
+    """configs/tiny_t5_cpu.yaml as a Ray job: the tiny T5 built inside the job, SFT with ROUGE,
+    the classifier reward, PPO on transformers engines, the report's ROUGE table."""
+    out = tmp_path / "job_runs"
+    _submit(ray_head, ROOT, "run", "--config", "configs/tiny_t5_cpu.yaml", f"model.tiny_dir={tmp_path / 't5'}",
+            f"output.dir={out}", "output.name=t5", "sft.num_examples=200", "sft.epochs=1", "rm.num_pairs=100",
+            "rm.epochs=1", "eval.num_prompts=4", "ppo.steps=2", "ppo.prompts_per_step=8",
+            "learner.minibatch_prompts=4", "output.trackers=[jsonl]")
+    run = out / "t5"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stale_samples"] for r in records] == [0, 0] and max(r["logprob_gap"] for r in records) < 1e-4
+    ppo = json.loads((run / "ppo.json").read_text())
+    assert ppo["rollout_engine"] == "transformers" and set(ppo["eval"]["after"]["judge_parts"]) == {
+        "rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert json.loads((run / "rm.json").read_text())["kind"] == "classifier"
+    report = (run / "report.md").read_text()
+    assert "## ROUGE" in report and "reward classifier" in report and "transformers rollout actors" in report
+
+
 def test_a_users_own_task_from_another_directory(ray_head, tmp_path):
     """A user's question/answer JSONL and reward function in a directory of their own, trained
     GRPO-style through `ray job submit` with no edit to the package, asynchronously (columns
