@@ -15,7 +15,7 @@ def records_and_trainer(make_cfg, sft_model_dir):
     cfg = make_cfg(f"model.path={sft_model_dir}", "reward.rule=sentiment", "ppo.estimator=grpo",
                    "rollout.samples_per_prompt=4", "ppo.prompts_per_step=4", "learner.minibatch_prompts=1", "rollout.temperature=0.7",
                    "rollout.max_new_tokens=16", "ppo.truncated=score", "ppo.kl_in=loss", "ppo.kl_estimator=k3",
-                   "ppo.kl_coef=0.01", "ppo.kl_target=null", "ppo.clip_eps_high=0.28", "learner.lr=0.01",
+                   "ppo.kl_coef=0.01", "ppo.kl_target=null", "ppo.clip_eps_high=0.28", "learner.lr=0.004",
                    "learner.micro_batch_size=4", "checkpoint.every=5", "output.name=grpo")
     with PPOTrainer(cfg, progress=False) as tr:
         records = tr.run(steps=STEPS)

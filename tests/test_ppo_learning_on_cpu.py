@@ -26,7 +26,7 @@ def trainer(make_cfg, sft_model_dir):
     # truncated, tempered distribution.
     cfg = make_cfg(f"model.path={sft_model_dir}", "reward.rule=sentiment", "rollout.samples_per_prompt=2",
                    "learner.minibatch_prompts=2", "rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.max_new_tokens=16", "ppo.truncated=score",
-                   "ppo.kl_coef=0.01", "ppo.kl_target=null", "learner.lr=0.01", "learner.micro_batch_size=2",
+                   "ppo.kl_coef=0.01", "ppo.kl_target=null", "learner.lr=0.004", "learner.micro_batch_size=2",
                    "output.save_every=4", "output.name=learning")
     tr = PPOTrainer(cfg, progress=False)
     yield tr

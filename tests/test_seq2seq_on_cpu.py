@@ -136,6 +136,8 @@ def test_vllm_is_refused_for_an_encoder_decoder_policy(t5_cfg, t5_dir):
         engine_kind(load_config(None, ["rollout.engine=vllm"]), t5_dir)
     with pytest.raises(ConfigError, match="rollout.engine.*LoRA adapters only"):
         load_config(None, ["rollout.engine=transformers", "learner.method=ssf"])
+    with pytest.raises(ConfigError, match="learner.method=ssf: the transformers engine"):
+        engine_kind(load_config(None, ["learner.method=ssf"]), t5_dir)  # auto resolves to transformers
 
 
 def test_seq2seq_sft_loss_is_the_models_own(t5_dir):

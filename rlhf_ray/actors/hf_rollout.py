@@ -29,19 +29,23 @@ def engine_kind(cfg: Config, model_path: str) -> str:
     """``rollout.engine`` resolved for the policy at ``model_path``: vllm or transformers.
 
     Raises:
-        ConfigError: vLLM asked for an encoder-decoder model (vLLM 0.32 serves none of T5's or BART's family).
+        ConfigError: vLLM asked for an encoder-decoder model (vLLM 0.32 serves none of T5's or BART's
+            family), or a merged-weight learner.method on the transformers engine.
     """
     from ..config import ConfigError
     from ..models.seq2seq import is_encoder_decoder
 
     encdec = is_encoder_decoder(model_path)
-    if cfg.rollout.engine == "auto":
-        return "transformers" if encdec else "vllm"
     if cfg.rollout.engine == "vllm" and encdec:
         raise ConfigError(f"rollout.engine=vllm: the policy at {model_path} is an encoder-decoder model, which "
                           "vLLM 0.32 does not serve (no T5; BART only through an out-of-tree plugin); use "
                           "rollout.engine=transformers (or auto)")
-    return cfg.rollout.engine
+    kind = ("transformers" if encdec else "vllm") if cfg.rollout.engine == "auto" else cfg.rollout.engine
+    if kind == "transformers" and cfg.learner.method != "lora":
+        raise ConfigError(f"learner.method={cfg.learner.method}: the transformers engine (rollout.engine="
+                          f"{cfg.rollout.engine}, policy {model_path}) serves LoRA adapters only; merged-weight "
+                          "methods need vLLM, which serves no encoder-decoder model")
+    return kind
 
 
 def row_seed(seed: int, sample: int) -> int:
