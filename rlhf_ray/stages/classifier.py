@@ -14,9 +14,8 @@ import torch
 
 from ..config import Config
 from ..data.loaders import BadRecord, LoadReport, load
-from ..logs import redirect_output
 from .finetune import (Clock, eval_chunks, pad_right, peak_memory, prepare_for_training, save_model, stage_trackers,
-                       train_epochs, train_stage, worker_threads)
+                       train_epochs, train_stage, start_worker)
 from . import base_model, rm_dir
 
 
@@ -158,21 +157,14 @@ def evaluate(model, rows: list, pad_id: int, chunk: int, device=None, rank: int 
 
 
 def _classifier_worker(config: dict) -> None:
-    import ray.train
     from transformers import AutoModelForSequenceClassification
 
-    from ..devices import train_device
     from ..models import load_tokenizer
     from ..models.loading import load_pretrained
 
     cfg, base, names, train, held = config["cfg"], config["base"], config["names"], config["train"], config["held"]
     rc = cfg.rm
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    redirect_output(f"rm-rank{rank}", config["log_dir"])
-    worker_threads()
-    device = train_device("rm", rc.use_gpu, cfg.cluster.rehearse)
-    torch.manual_seed(rc.seed)
+    rank, world, device = start_worker(config, "rm")
     tok = load_tokenizer(base)
     model = load_pretrained(AutoModelForSequenceClassification, base, cfg.model.dtype, device, num_labels=len(names),
                             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},

@@ -98,6 +98,25 @@ def worker_threads() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
 
 
+def start_worker(config: dict, stage: str) -> tuple[int, int, torch.device]:
+    """A stage worker's first steps, the same for every stage: (rank, world size, device), its
+    output into ``<run>/logs/<stage>-rank<r>.log``, its threads, and the stage's seed."""
+    import ray.train
+
+    from ..devices import train_device
+    from ..logs import redirect_output
+
+    cfg = config["cfg"]
+    sc = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    redirect_output(f"{stage}-rank{rank}", config["log_dir"])
+    worker_threads()
+    device = train_device(stage, sc.use_gpu, cfg.cluster.rehearse)
+    torch.manual_seed(sc.seed)
+    return rank, world, device
+
+
 def run_on_workers(cfg: Config, stage: str, fn: Callable[[dict], None], config: dict) -> None:
     """``fn(config)`` on the stage's Ray Train workers (``<stage>.num_workers``, one GPU each
     with ``<stage>.use_gpu``), so on a cluster the stage trains on GPU workers, not on the head.

@@ -14,10 +14,9 @@ import torch
 from ..algo import pairwise_reward_loss
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
-from ..logs import redirect_output
 from ..models.methods import MethodSpec, apply_method
 from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
-                       train_epochs, train_stage, worker_threads)
+                       train_epochs, train_stage, start_worker)
 from . import base_model, rm_dir
 
 NORMALIZER = "rlhf_ray_reward.json"
@@ -185,22 +184,15 @@ def run_train_rm(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _rm_worker(config: dict) -> None:
-    import ray.train
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from ..devices import train_device
     from ..models import load_tokenizer
     from ..models.loading import load_pretrained
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     rc = cfg.rm
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    redirect_output(f"rm-rank{rank}", config["log_dir"])
-    worker_threads()
-    device = train_device("rm", rc.use_gpu, cfg.cluster.rehearse)
-    torch.manual_seed(rc.seed)
+    rank, world, device = start_worker(config, "rm")
     tokenizer = load_tokenizer(base)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score head newly initialised" is the point here

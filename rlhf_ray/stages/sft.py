@@ -13,10 +13,9 @@ import torch
 from ..config import Config
 from ..data.loaders import PLAIN, LoadReport, Renderer
 from ..judging import GREEDY_JUDGES, eval_prompts, judge_greedy
-from ..logs import redirect_output
 from ..models.methods import MethodSpec, apply_method
 from .finetune import (Clock, peak_memory, eval_chunks, pad_right, prepare_for_training, save_model, stage_trackers,
-                       train_epochs, train_stage, worker_threads)
+                       train_epochs, train_stage, start_worker)
 from . import sft_dir
 
 
@@ -157,20 +156,13 @@ def _scores(judged: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sft_worker(config: dict) -> None:
-    import ray.train
 
-    from ..devices import train_device
     from ..models import load_tokenizer
     from ..models.seq2seq import load_policy_lm
 
     cfg, base, train, held = config["cfg"], config["base"], config["train"], config["held"]
     sc = cfg.sft
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    redirect_output(f"sft-rank{rank}", config["log_dir"])
-    worker_threads()
-    device = train_device("sft", sc.use_gpu, cfg.cluster.rehearse)
-    torch.manual_seed(sc.seed)
+    rank, world, device = start_worker(config, "sft")
     model = load_policy_lm(base, cfg.model.dtype, device)
     model = apply_method(model, MethodSpec.from_config(cfg, sc.method),
                          "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
