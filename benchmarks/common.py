@@ -132,3 +132,16 @@ def build_mid_model(directory: Path, spec: dict[str, int], max_positions: int,
         tok.model_max_length = max_positions
         tok.save_pretrained(directory)
     return str(directory), sum(p.numel() for p in model.parameters())
+
+
+def with_overrides(cfg, *overrides: str):
+    """``cfg`` with dotted ``overrides`` applied and checked as on the command line (through the
+    config's YAML, so every section's validation runs again)."""
+    import tempfile
+
+    from rlhf_ray.config import dump_config, load_config
+
+    with tempfile.TemporaryDirectory(prefix="rr-bench-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(dump_config(cfg))
+        return load_config(path, list(overrides))

@@ -2,7 +2,7 @@
 config's decoder model, side by side in this process on the same cores: tokens/s of each
 serving the same LoRA version to the same prompts and seeds (rounds alternate, the first warms
 both up), and each one's log-prob gap to the learner (the processed log-probs of the sampled
-tokens against the learner's, at the config's sampling settings, default here T 0.7 / top-p 0.9).
+tokens against the learner's), sampling at T 0.7 / top-p 0.9 whatever the config says.
 
 vLLM is the engine for decoder models; the transformers engine exists for what vLLM does not
 serve (encoder-decoder policies such as T5). The ratio says what using it on a decoder model costs.
@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Any
 
-from .common import table
+from .common import table, with_overrides
 
 GAP_TARGET = 1e-4
 
@@ -27,20 +27,13 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     from rlhf_ray.actors.learner import LearnerCore
     from rlhf_ray.actors.rollout import RolloutGenerator
     from rlhf_ray.batch import pad_samples
-    from rlhf_ray.config import dump_config, load_config
     from rlhf_ray.launch import ROLE_ENV
     from rlhf_ray.models import load_tokenizer, resolve_model_path
 
     from .rollout import prompt_ids
 
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="rr-engines-") as tmp:
-        base_yaml = str(Path(tmp) / "base.yaml")
-        Path(base_yaml).write_text(dump_config(cfg))
-        sampling = [] if getattr(args, "keep_sampling", False) else ["rollout.temperature=0.7", "rollout.top_p=0.9"]
-        cfg = load_config(base_yaml, ["learner.num_workers=1", "learner.method=lora", *sampling])
+    cfg = with_overrides(cfg, "learner.num_workers=1", "learner.method=lora", "rollout.temperature=0.7",
+                         "rollout.top_p=0.9")
     model_path = resolve_model_path(cfg.model)
     if cfg.model.tiny_arch != "llama" and cfg.model.path is None:
         raise ValueError("bench engines compares on a decoder model: give it a decoder config (configs/tiny_cpu.yaml)")

@@ -19,12 +19,10 @@ rate), not tuned per method beyond one trial each; the note of the run says what
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from .common import table
+from .common import table, with_overrides
 
 METHODS = ["full", "lora", "dora", "ia3", "ssf", "repadapter"]
 LR = {"full": 1e-3, "lora": 3e-3, "dora": 3e-3, "ia3": 2e-2, "ssf": 1e-2, "repadapter": 3e-3}
@@ -52,7 +50,6 @@ def _greedy(cfg, model_dir: str, adapter_dir: str | None = None) -> dict[str, An
 
 
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
-    from rlhf_ray.config import dump_config, load_config
     from rlhf_ray.data import objective
     from rlhf_ray.stages.rm import run_train_rm
     from rlhf_ray.stages.sft import run_sft
@@ -71,42 +68,39 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     clean.write_text("".join(json.dumps(r) + "\n" for r in objective.sft_records(CLEAN_EXAMPLES, cfg.sft.seed,
                                                                                    noise=0.0, split="train")))
     out: dict[str, Any] = {"methods": {}}
-    with tempfile.TemporaryDirectory(prefix="rr-peft-") as tmp:
-        base_yaml = str(Path(tmp) / "base.yaml")
-        Path(base_yaml).write_text(dump_config(cfg))
 
-        def load(*overrides: str):
-            return load_config(base_yaml, [f"output.dir={root}", "output.trackers=[jsonl]", *overrides])
+    def load(*overrides: str):
+        return with_overrides(cfg, f"output.dir={root}", "output.trackers=[jsonl]", *overrides)
 
-        print("peft: the base (one epoch of full SFT on the noisy demonstrations) ...", flush=True)
-        base = root / "base"
-        s0 = run_sft(load("output.name=base", "sft.method=full", "sft.epochs=1", f"sft.output_dir={base}"),
-                     progress=False)
-        out["base"] = {"judge": s0["judge_after"], "time_s": s0["time_s"]}
-        for m in methods:
-            print(f"peft: {m} ...", flush=True)
-            s = run_sft(load(f"output.name=sft_{m}", f"model.path={base}", f"sft.method={m}", f"sft.lr={LR[m]}",
-                             f"sft.data_path={clean}", "sft.epochs=2", f"sft.output_dir={root / ('sft_' + m)}"),
-                        progress=False)
-            out["methods"][m] = {"lr": LR[m], "trainable_params": s["trainable_params"], "time_s": s["time_s"],
-                                 "peak_rss_bytes": s.get("peak_rss_bytes"), "judge_before": s["judge_before"],
-                                 "judge_after": s["judge_after"], "train_loss_last": s["train_loss_last"]}
-            print(f"peft: {m}: {s['trainable_params']:,} trainable, held-out accuracy "
-                  f"{100 * s['judge_after']['judge_sets_mean']:.1f}% (mean over sets)", flush=True)
-        best = max(out["methods"], key=lambda k: out["methods"][k]["judge_after"]["judge_sets_mean"])
-        print(f"peft: reward model and PPO from {best} ...", flush=True)
-        rc = load("output.name=rlhf", f"model.path={base}", f"sft.output_dir={root / ('sft_' + best)}", "ppo.base=sft",
-                  "rm.base=sft", *RLHF)
-        t = time.perf_counter()
-        rm = run_train_rm(rc, progress=False)
-        with PPOTrainer(rc, progress=False, overwrite=True) as tr:
-            tr.run()
-            evals, adapter = tr.evals, str(tr.adapter_dir)
-        after = _greedy(rc, str(root / f"sft_{best}"), adapter)
-        out["rlhf"] = {"from": best, "rm_accuracy": rm["heldout_after"]["accuracy"],
-                       "judge_before_greedy": out["methods"][best]["judge_after"], "judge_after_greedy": after,
-                       "sampled_before": _figures(evals.get("before")), "sampled_after": _figures(evals.get("after")),
-                       "kl_after": (evals.get("after") or {}).get("kl_per_seq"), "time_s": time.perf_counter() - t}
+    print("peft: the base (one epoch of full SFT on the noisy demonstrations) ...", flush=True)
+    base = root / "base"
+    s0 = run_sft(load("output.name=base", "sft.method=full", "sft.epochs=1", f"sft.output_dir={base}"),
+                 progress=False)
+    out["base"] = {"judge": s0["judge_after"], "time_s": s0["time_s"]}
+    for m in methods:
+        print(f"peft: {m} ...", flush=True)
+        s = run_sft(load(f"output.name=sft_{m}", f"model.path={base}", f"sft.method={m}", f"sft.lr={LR[m]}",
+                         f"sft.data_path={clean}", "sft.epochs=2", f"sft.output_dir={root / ('sft_' + m)}"),
+                    progress=False)
+        out["methods"][m] = {"lr": LR[m], "trainable_params": s["trainable_params"], "time_s": s["time_s"],
+                             "peak_rss_bytes": s.get("peak_rss_bytes"), "judge_before": s["judge_before"],
+                             "judge_after": s["judge_after"], "train_loss_last": s["train_loss_last"]}
+        print(f"peft: {m}: {s['trainable_params']:,} trainable, held-out accuracy "
+              f"{100 * s['judge_after']['judge_sets_mean']:.1f}% (mean over sets)", flush=True)
+    best = max(out["methods"], key=lambda k: out["methods"][k]["judge_after"]["judge_sets_mean"])
+    print(f"peft: reward model and PPO from {best} ...", flush=True)
+    rc = load("output.name=rlhf", f"model.path={base}", f"sft.output_dir={root / ('sft_' + best)}", "ppo.base=sft",
+              "rm.base=sft", *RLHF)
+    t = time.perf_counter()
+    rm = run_train_rm(rc, progress=False)
+    with PPOTrainer(rc, progress=False, overwrite=True) as tr:
+        tr.run()
+        evals, adapter = tr.evals, str(tr.adapter_dir)
+    after = _greedy(rc, str(root / f"sft_{best}"), adapter)
+    out["rlhf"] = {"from": best, "rm_accuracy": rm["heldout_after"]["accuracy"],
+                   "judge_before_greedy": out["methods"][best]["judge_after"], "judge_after_greedy": after,
+                   "sampled_before": _figures(evals.get("before")), "sampled_after": _figures(evals.get("after")),
+                   "kl_after": (evals.get("after") or {}).get("kl_per_seq"), "time_s": time.perf_counter() - t}
     gain = 100 * (after["judge_sets_mean"] - out["methods"][best]["judge_after"]["judge_sets_mean"])
     out["targets"] = {
         "PPO after the best method (greedy, mean over sets, pp)": {

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from .common import table
+from .common import table, with_overrides
 
 METHODS = ["lora", "ssf", "repadapter", "full"]
 STEPS = 4
@@ -24,7 +23,6 @@ STEPS = 4
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     import ray
 
-    from rlhf_ray.config import dump_config, load_config
     from rlhf_ray.plan import model_shape
     from rlhf_ray.plan.memory import publish_bytes
     from rlhf_ray.stages import policy_base
@@ -33,15 +31,12 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     methods = args.methods.split(",") if getattr(args, "methods", None) else METHODS
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="rr-publish-") as tmp:
-        base_yaml = str(Path(tmp) / "base.yaml")
-        Path(base_yaml).write_text(dump_config(cfg))
         for m in methods:
             print(f"publish: {m} ...", flush=True)
-            c = load_config(base_yaml, [f"learner.method={m}", "rollout.num_engines=1", "learner.num_workers=1",
-                                        f"ppo.steps={STEPS}", "ppo.base=model", "reward.rule=letter_e",
-                                        f"output.dir={tmp}", f"output.name=publish_{m}",
-                                        "output.trackers=[jsonl]", "rollout.max_staleness=0",
-                                        *(["reference.mode=separate"] if m == "full" else [])])
+            c = with_overrides(cfg, f"learner.method={m}", "rollout.num_engines=1", "learner.num_workers=1",
+                               f"ppo.steps={STEPS}", "ppo.base=model", "reward.rule=letter_e", f"output.dir={tmp}",
+                               f"output.name=publish_{m}", "output.trackers=[jsonl]", "rollout.max_staleness=0",
+                               *(["reference.mode=separate"] if m == "full" else []))
             with PPOTrainer(c, progress=False, overwrite=True) as tr:
                 records = tr.run(evaluate=False)
                 version = ray.get(tr.latest_adapter)

@@ -14,19 +14,16 @@ and after), at tiny-model scale.
 """
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from .common import table
+from .common import table, with_overrides
 
 METHODS = {"full": 3e-3, "lora": 1e-2}  # method -> SFT learning rate (LoRA trains fewer weights: a larger rate)
 BASE_EXAMPLES = 600
 
 
 def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
-    from rlhf_ray.config import dump_config, load_config
     from rlhf_ray.stages.rm import run_train_rm
     from rlhf_ray.stages.sft import run_sft
     from rlhf_ray.trainer import PPOTrainer
@@ -37,39 +34,36 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
     root = (cfg.output.run_dir.parent / f"{cfg.output.name}_summarise").resolve()
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"methods": {}}
-    with tempfile.TemporaryDirectory(prefix="rr-summarise-") as tmp:
-        base_yaml = str(Path(tmp) / "base.yaml")
-        Path(base_yaml).write_text(dump_config(cfg))
 
-        def load(*overrides: str):
-            return load_config(base_yaml, [f"output.dir={root}", "output.trackers=[jsonl]", *overrides])
+    def load(*overrides: str):
+        return with_overrides(cfg, f"output.dir={root}", "output.trackers=[jsonl]", *overrides)
 
-        print("summarise: the base (one epoch of full SFT on part of the demonstrations) ...", flush=True)
-        base = root / "base"
-        s0 = run_sft(load("output.name=base", "sft.method=full", "sft.epochs=1", f"sft.num_examples={BASE_EXAMPLES}",
-                          f"sft.output_dir={base}"), progress=False)
-        out["base"] = {"judge": s0["judge_after"], "time_s": s0["time_s"]}
-        for m, lr in METHODS.items():
-            print(f"summarise: {m} ...", flush=True)
-            s = run_sft(load(f"output.name=sft_{m}", f"model.path={base}", f"sft.method={m}", f"sft.lr={lr}",
-                             f"sft.output_dir={root / ('sft_' + m)}"), progress=False)
-            out["methods"][m] = {"lr": lr, "trainable_params": s["trainable_params"], "time_s": s["time_s"],
-                                 "judge_before": s["judge_before"], "judge_after": s["judge_after"],
-                                 "train_loss_last": s["train_loss_last"]}
-            print(f"summarise: {m}: {s['trainable_params']:,} trainable, ROUGE-L "
-                  f"{s['judge_after']['judge_parts']['rougeL']:.4f}", flush=True)
-        best = max(out["methods"], key=lambda k: out["methods"][k]["judge_after"]["judge_parts"]["rougeL"])
-        print(f"summarise: classifier reward and PPO from {best} ...", flush=True)
-        rc = load("output.name=rlhf", f"model.path={base}", f"sft.output_dir={root / ('sft_' + best)}", "ppo.base=sft")
-        t = time.perf_counter()
-        rm = run_train_rm(rc, progress=False)
-        with PPOTrainer(rc, progress=False, overwrite=True) as tr:
-            records = tr.run()
-            evals = tr.evals
-        out["rlhf"] = {"from": best, "classifier_accuracy": rm["heldout_after"]["accuracy"],
-                       "before": _figures(evals.get("before")), "after": _figures(evals.get("after")),
-                       "stale_samples": sum(r["stale_samples"] for r in records),
-                       "logprob_gap_max": max(r["logprob_gap"] for r in records), "time_s": time.perf_counter() - t}
+    print("summarise: the base (one epoch of full SFT on part of the demonstrations) ...", flush=True)
+    base = root / "base"
+    s0 = run_sft(load("output.name=base", "sft.method=full", "sft.epochs=1", f"sft.num_examples={BASE_EXAMPLES}",
+                      f"sft.output_dir={base}"), progress=False)
+    out["base"] = {"judge": s0["judge_after"], "time_s": s0["time_s"]}
+    for m, lr in METHODS.items():
+        print(f"summarise: {m} ...", flush=True)
+        s = run_sft(load(f"output.name=sft_{m}", f"model.path={base}", f"sft.method={m}", f"sft.lr={lr}",
+                         f"sft.output_dir={root / ('sft_' + m)}"), progress=False)
+        out["methods"][m] = {"lr": lr, "trainable_params": s["trainable_params"], "time_s": s["time_s"],
+                             "judge_before": s["judge_before"], "judge_after": s["judge_after"],
+                             "train_loss_last": s["train_loss_last"]}
+        print(f"summarise: {m}: {s['trainable_params']:,} trainable, ROUGE-L "
+              f"{s['judge_after']['judge_parts']['rougeL']:.4f}", flush=True)
+    best = max(out["methods"], key=lambda k: out["methods"][k]["judge_after"]["judge_parts"]["rougeL"])
+    print(f"summarise: classifier reward and PPO from {best} ...", flush=True)
+    rc = load("output.name=rlhf", f"model.path={base}", f"sft.output_dir={root / ('sft_' + best)}", "ppo.base=sft")
+    t = time.perf_counter()
+    rm = run_train_rm(rc, progress=False)
+    with PPOTrainer(rc, progress=False, overwrite=True) as tr:
+        records = tr.run()
+        evals = tr.evals
+    out["rlhf"] = {"from": best, "classifier_accuracy": rm["heldout_after"]["accuracy"],
+                   "before": _figures(evals.get("before")), "after": _figures(evals.get("after")),
+                   "stale_samples": sum(r["stale_samples"] for r in records),
+                   "logprob_gap_max": max(r["logprob_gap"] for r in records), "time_s": time.perf_counter() - t}
     rl = out["rlhf"]
     full, lora = (out["methods"][m]["judge_after"]["judge_parts"]["rougeL"] for m in ("full", "lora"))
     base_l = out["base"]["judge"]["judge_parts"]["rougeL"]

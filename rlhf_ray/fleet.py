@@ -48,13 +48,13 @@ def one_engine_at_a_time(cfg: Config) -> bool:
 
 class RolloutFleet:
     def __init__(self, cfg: Config, model_path: str, *, max_model_len: Optional[int], timeout_s: float,
-                 placement: Optional[RolePlacement] = None):
+                 placement: Optional[RolePlacement] = None, engine: str = "vllm"):
+        """``engine``: ``rollout.engine`` resolved for this policy (``actors.hf_rollout.engine_kind``)."""
         from .actors.engine import allocator_env
-        from .actors.hf_rollout import engine_kind
 
         self.cfg, self.model_path, self.max_model_len, self.timeout = cfg, model_path, max_model_len, timeout_s
-        self.engine = engine_kind(cfg, model_path)  # before any generator starts, like the allocator
-        self.env = allocator_env(cfg) if self.engine == "vllm" else {}  # a missing tcmalloc fails here
+        self.engine = engine
+        self.env = allocator_env(cfg) if engine == "vllm" else {}  # before any generator starts: a missing tcmalloc fails here
         self.placement = placement
         self.members: list[tuple[str, Any]] = []
         self._spawned = 0

@@ -140,12 +140,22 @@ def _eval_rows(ev: dict) -> list[list[Any]]:
     return rows
 
 
-def _by_set_table(sft: Optional[dict], ppo: Optional[dict]) -> str:
-    """Accuracy per set before and after SFT and PPO, where the evaluation has sets."""
+# What the columns of the per-set and ROUGE tables are.
+_JUDGED_COLUMNS = ("SFT columns: greedy decoding on the SFT stage's model; PPO columns: samples from the engines at "
+                   "the rollout's temperature.")
+
+
+def _judged(sft: Optional[dict], ppo: Optional[dict], key: str) -> list[tuple[str, dict]]:
+    """The judge's figures before and after SFT and PPO, those that hold ``key``."""
     ev = (ppo or {}).get("eval", {})
     cols = [("before SFT", (sft or {}).get("judge_before")), ("after SFT", (sft or {}).get("judge_after")),
             ("before PPO", ev.get("before")), ("after PPO", ev.get("after"))]
-    cols = [(name, e) for name, e in cols if e and "judge_by_set" in e]
+    return [(name, e) for name, e in cols if e and e.get(key)]
+
+
+def _by_set_table(sft: Optional[dict], ppo: Optional[dict]) -> str:
+    """Accuracy per set before and after SFT and PPO, where the evaluation has sets."""
+    cols = _judged(sft, ppo, "judge_by_set")
     if not cols:
         return ""
     sets = sorted({k for _, e in cols for k in e["judge_by_set"]})
@@ -217,15 +227,13 @@ def render(run_dir: Path, name: str) -> str:
     rouge = _parts_table(sft, ppo)
     if rouge:
         out += ["## ROUGE", "",
-                "Against each held-out prompt's reference summary (`rouge-score`, stemmed; F-measures). SFT "
-                "columns: greedy decoding on the SFT stage's model; PPO columns: samples from the engines at "
-                "the rollout's temperature.", "", rouge, ""]
+                "Against each held-out prompt's reference summary (`rouge-score`, stemmed; F-measures). "
+                + _JUDGED_COLUMNS, "", rouge, ""]
     by_set = _by_set_table(sft, ppo)
     if by_set:
         out += ["## Accuracy per set", "",
-                "The judge per evaluation set (the `set` column) and the mean over sets. SFT columns: greedy "
-                "decoding on the SFT stage's model; PPO columns: samples from the engines at the rollout's "
-                "temperature.", "", by_set, ""]
+                "The judge per evaluation set (the `set` column) and the mean over sets. " + _JUDGED_COLUMNS,
+                "", by_set, ""]
     if records:
         out += ["## PPO per step", "", "![reward](plots/reward.png) ![kl](plots/kl.png) "
                 "![entropy](plots/entropy.png) ![clip_frac](plots/clip_frac.png) "
@@ -270,18 +278,10 @@ def _engine(ppo: dict) -> str:
 
 
 def _parts_table(sft: Optional[dict], ppo: Optional[dict]) -> str:
-    """The judge's several figures (ROUGE-1/2/L/Lsum) before and after each stage, where it has them."""
-    cols = []
-    for stage, rec in (("SFT", sft), ("PPO", ppo)):
-        if not rec:
-            continue
-        pair = (rec.get("judge_before"), rec.get("judge_after")) if stage == "SFT" else (
-            (rec.get("eval") or {}).get("before"), (rec.get("eval") or {}).get("after"))
-        for when, j in zip(("before", "after"), pair):
-            if j and j.get("judge_parts"):
-                cols.append((f"{stage} {when}", j["judge_parts"]))
+    """The judge's several figures (ROUGE-1/2/L/Lsum) before and after SFT and PPO, where it has them."""
+    cols = _judged(sft, ppo, "judge_parts")
     if not cols:
         return ""
-    keys = list(cols[0][1])
-    return _table(["figure"] + [c for c, _ in cols], [[k] + [f"{p.get(k, float('nan')):.4f}" for _, p in cols]
-                                                       for k in keys])
+    keys = list(cols[0][1]["judge_parts"])
+    return _table(["figure"] + [name for name, _ in cols],
+                  [[k] + [f"{e['judge_parts'].get(k, float('nan')):.4f}" for _, e in cols] for k in keys])

@@ -173,7 +173,7 @@ class PPOTrainer:
             with clock.stage("placement"):
                 self.placement = RolePlacement(cfg, self._timeout)
             self.fleet = RolloutFleet(cfg, self.engine_path, max_model_len=self.max_model_len,
-                                      timeout_s=self._timeout, placement=self.placement)
+                                      timeout_s=self._timeout, placement=self.placement, engine=self.engine)
             with clock.stage("spawn"):
                 self.fleet.launch()
                 # Reward and reference calls are pure functions of their inputs: Ray restarts a dead

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..algo.sampling import truncation_mask
+from ..algo.sampling import sampling_logits
 from ..batch import Samples
 from ..config import Config
 from ..devices import role_device
@@ -93,12 +93,7 @@ def sample_tokens(model, prompts: list[list[int]], generators: list[torch.Genera
             out = model(input_ids=step_in, attention_mask=mask, position_ids=positions, past_key_values=past,
                         use_cache=True, logits_to_keep=1)
         past = out.past_key_values
-        z = out.logits[:, -1].float()
-        if temperature != 1.0:
-            z = z / temperature
-        kept = truncation_mask(z, top_k, top_p)
-        if kept is not None:
-            z = torch.where(kept, z, torch.full_like(z, float("-inf")))
+        z = sampling_logits(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
         logp = torch.log_softmax(z, dim=-1).cpu()
         probs = logp.exp()
         nxt = torch.full((rows,), pad_id, dtype=torch.long)

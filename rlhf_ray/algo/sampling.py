@@ -50,6 +50,20 @@ def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return kept
 
 
+def sampling_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The logits of the distribution sampled from, in fp32: divided by the temperature, and
+    -inf outside top-k then top-p (``keep``: see :func:`truncation_mask`). Their softmax is what
+    a generator samples from and what the learner's log-probs are of."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    kept = truncation_mask(z, top_k, top_p, keep=keep)
+    if kept is not None:
+        z = torch.where(kept, z, torch.full_like(z, float("-inf")))
+    return z
+
+
 def sampled_token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -68,12 +82,7 @@ def sampled_token_logprobs(
     Returns:
         (logprobs, entropy or None), each shape (...).
     """
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    kept = truncation_mask(z, top_k, top_p, keep=labels)
-    if kept is not None:
-        z = torch.where(kept, z, torch.full_like(z, float("-inf")))
+    z = sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, keep=labels)
     lse = torch.logsumexp(z, dim=-1)
     logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
     entropy = None

@@ -33,7 +33,13 @@ def load_policy_lm(path: str, dtype: str = "float32", device=None):
     if is_encoder_decoder(path):
         from transformers import AutoModelForSeq2SeqLM
 
-        return load_pretrained(AutoModelForSeq2SeqLM, path, dtype, device)
+        model = load_pretrained(AutoModelForSeq2SeqLM, path, dtype, device)
+        # Checked once here, not per forward: the log-probs are hidden @ lm_head.weight.T, no bias.
+        bias = getattr(model, "final_logits_bias", None)
+        if bias is not None and bool(bias.abs().sum() > 0):
+            raise ValueError(f"{path}: {type(model).__name__} has a non-zero final_logits_bias, which the "
+                             "learner's log-probs do not add; not supported")
+        return model
     return load_causal_lm(path, dtype, device)
 
 
@@ -76,11 +82,9 @@ def aligned_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """The decoder's last hidden states of an encoder-decoder ``model`` (transformers, PEFT
     layers injected or not) in the decoder-only layout: shape (batch, seq, hidden), the state
     that predicts response token j at the sequence index before it, zeros elsewhere. T5's
-    rescaling before its untied output layer is applied, so ``hidden @ lm_head.weight.T`` are
-    the model's logits."""
+    rescaling before its output layer is applied, so ``hidden @ lm_head.weight.T`` are the
+    model's logits (``load_policy_lm`` refuses a model with a logits bias)."""
     config = model.config
-    if getattr(model, "final_logits_bias", None) is not None and bool(model.final_logits_bias.abs().sum() > 0):
-        raise ValueError(f"{type(model).__name__}: a non-zero final_logits_bias is not supported")
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     enc_ids, enc_mask, dec_ids, dec_mask, plen, rlen = split_rows(input_ids, attention_mask, action_mask, pad,
                                                                   decoder_start_id(config))
