@@ -342,9 +342,16 @@ class RolloutConfig:
     # learner trains, so a batch is up to this many adapter versions old (older samples are
     # dropped and counted). 0 = the synchronous loop: every sample from the adapter being trained.
     max_staleness: int = 0
+    # A shared fleet's name (`rlhf-ray fleet start`): this run's adapters are served by its
+    # engines, beside other runs', instead of engines of its own. null = the run's own engines.
+    fleet: Optional[str] = None
+    fleet_share: float = 1.0  # this run's weight in the fleet's round-robin between runs (2 = twice another's)
 
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", f"must be >= 1, got {self.num_engines!r}")
+        _check(self.fleet is None or (isinstance(self.fleet, str) and bool(self.fleet)), "fleet",
+               f"must be a fleet's name or null, got {self.fleet!r}")
+        _positive(self, "fleet_share")
         _one_of(self, "engine", ("auto", "vllm", "transformers"))
         _positive(self, "batch_rows")
         _positive(self, "samples_per_prompt", "max_new_tokens", "temperature", "max_lora_rank", "max_loras")
@@ -641,6 +648,26 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """A generator fleet shared by several runs (`rlhf-ray fleet start`): rollout.num_engines engines built from this config's model and rollout keys, each run attaching with rollout.fleet=<name>."""
+
+    name: str = "fleet"  # the fleet's Ray actors are named after it (namespace rlhf-ray-fleet)
+    max_runs: int = 4  # runs attached at once; with max_staleness it sizes each engine's LoRA slots
+    max_staleness: int = 1  # the largest rollout.max_staleness of a run it takes: a run holds that + 1 adapter versions
+    max_batch_samples: int = 256  # samples one engine round generates, runs taking turns within it by their share
+    max_model_len: Optional[int] = None  # null = rollout.max_model_len, else data.max_prompt_tokens + rollout.max_new_tokens
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
+               f"must be a non-empty name of letters, digits, '-', '_' or '.', got {self.name!r}")
+        _positive(self, "max_runs", "max_batch_samples")
+        _check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "max_staleness",
+               f"must be an integer >= 0, got {self.max_staleness!r}")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+               f"must be > 0 or null, got {self.max_model_len!r}")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where a run writes its metrics, adapters and report."""
 
@@ -698,6 +725,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def __post_init__(self) -> None:
         # Checks that span sections; keys are given in full.
@@ -709,6 +737,11 @@ class Config:
         _check(self.minibatch_rows % lc.num_workers == 0, "learner.minibatch_prompts",
                f"{lc.minibatch_prompts} prompts x rollout.samples_per_prompt={n} = {self.minibatch_rows} rows "
                f"is not divisible by learner.num_workers={lc.num_workers}")
+        _check(self.rollout.fleet is None or self.learner.method == "lora", "rollout.fleet",
+               f"a shared fleet serves LoRA adapters, but learner.method={self.learner.method} publishes merged "
+               "weights: leave rollout.fleet null (the run's own engines)")
+        _check(self.rollout.fleet is None or self.rollout.engine != "transformers", "rollout.fleet",
+               "a shared fleet is vLLM engines; rollout.engine=transformers runs with engines of its own")
         _check(self.rollout.engine != "transformers" or self.learner.method == "lora", "rollout.engine",
                f"the transformers engine serves LoRA adapters only, but learner.method={self.learner.method}: "
                "use rollout.engine=vllm for merged-weight methods")

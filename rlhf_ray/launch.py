@@ -118,8 +118,9 @@ def resource_requests(cfg: Config) -> dict[str, list[tuple[str, float]]]:
         if each > 0:
             asks[resource].append((what + (f" x {count}" if count > 1 else ""), each * count))
 
-    add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_engines)
-    add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_engines)
+    if r.fleet is None:  # a shared fleet's engines are running already, on the fleet's resources
+        add("CPU", f"rollout.num_cpus={r.num_cpus:g}", r.num_cpus, r.num_engines)
+        add("GPU", f"rollout.num_gpus={r.num_gpus:g}", r.num_gpus, r.num_engines)
     add("CPU", f"reward.num_cpus={cfg.reward.num_cpus:g}", cfg.reward.num_cpus, cfg.reward.num_actors)
     add("GPU", f"reward.num_gpus={cfg.reward.num_gpus:g}", cfg.reward.num_gpus, cfg.reward.num_actors)
     if cfg.reference.mode == "separate":
@@ -213,7 +214,7 @@ def role_bundles(cfg: Config) -> tuple[list[dict[str, float]], dict[str, int]]:
     CPU-only role. Returns (bundles, bundle index of each role); a role asking for nothing has
     no bundle. The learner's Ray Train workers are laid out by Ray Train (one GPU each, PACK)."""
     r = cfg.rollout
-    roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_engines)]
+    roles = [(f"rollout-{i}", r.num_gpus, r.num_cpus) for i in range(r.num_engines if r.fleet is None else 0)]
     k = cfg.reward.num_actors
     roles += [(name, cfg.reward.num_gpus, cfg.reward.num_cpus)
               for name in (["reward"] if k == 1 else [f"reward-{i}" for i in range(k)])]

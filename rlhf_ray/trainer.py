@@ -172,8 +172,14 @@ class PPOTrainer:
             # the GPUs it leaves (see RolePlacement).
             with clock.stage("placement"):
                 self.placement = RolePlacement(cfg, self._timeout)
-            self.fleet = RolloutFleet(cfg, self.engine_path, max_model_len=self.max_model_len,
-                                      timeout_s=self._timeout, placement=self.placement, engine=self.engine)
+            if cfg.rollout.fleet:  # a shared fleet's engines, beside other runs' adapters
+                from .shared_fleet import FleetClient
+
+                self.fleet = FleetClient(cfg, self.engine_path, max_model_len=self.max_model_len,
+                                         timeout_s=self._timeout, run=cfg.output.name)
+            else:
+                self.fleet = RolloutFleet(cfg, self.engine_path, max_model_len=self.max_model_len,
+                                          timeout_s=self._timeout, placement=self.placement, engine=self.engine)
             with clock.stage("spawn"):
                 self.fleet.launch()
                 # Reward and reference calls are pure functions of their inputs: Ray restarts a dead
@@ -471,6 +477,8 @@ class PPOTrainer:
         if not bad:  # a NaN KL would poison the adaptive coefficient for the rest of the run
             self.kl_ctl.update(float((exp.kl * exp.response_mask).sum(dim=1).mean()), len(samples))
         record = self._record(exp, times, updated, swaps, stale, kl_coef)
+        if hasattr(self.fleet, "take_stats"):  # a shared fleet: this run's wait behind the others
+            record.update(self.fleet.take_stats())
         record.update(staleness={str(k): n for k, n in algo.staleness_histogram(samples.versions, trained_on).items()},
                       dropped_stale=dropped, rollout_correction=exp.correction)
         record.update(nonfinite=bad, bad_steps_total=self.bad_steps.total + bool(bad),
@@ -672,7 +680,7 @@ class PPOTrainer:
         total = sum(r["time_s"]["total"] for r in steady)
         return {
             "stage": "ppo", "time_s": time.perf_counter() - self._t0, "base": self.model_path, "reward_model": self.reward_path,
-            "rollout_actors": len(self.fleet.members), "rollout_engine": self.engine,
+            "rollout_actors": len(self.fleet.members), "rollout_engine": self.engine, "rollout_fleet": self.cfg.rollout.fleet,
             "learner_workers": self.cfg.learner.num_workers, "reference_mode": self.cfg.reference.mode, "startup_s": self.startup_s,
             "startup_parts": self.startup_parts, "steps": len(records),
             "rehearsal": self.cfg.cluster.rehearse, "placement": self.layout,
