@@ -409,6 +409,44 @@ def _print_step_table(records: list[dict], max_rows: int = 20) -> None:
               f"{r['tokens_per_s']:>7.0f} " + " ".join(f"{t.get(c, 0.0):>8.3f}s" for c in cols))
 
 
+def _cmd_fleet(cfg: Config, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .launch import connect
+    from .shared_fleet import fleet_status, format_status, start_fleet, stop_fleet
+
+    if args.name:
+        cfg = dataclasses.replace(cfg, fleet=dataclasses.replace(cfg.fleet, name=args.name))
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        # A head started by this command would end with it, and the fleet with the head.
+        raise ValueError("rlhf-ray fleet needs a Ray cluster that outlives this command: start one (ray start "
+                         "--head) and set cluster.address (or RAY_ADDRESS=auto)")
+    connect(cfg)
+    if args.action == "start":
+        d = start_fleet(cfg)
+        print(f"fleet {d['name']}: {len(d['generators'])} generator(s) serving {d['model_path']}, "
+              f"{d['lora_slots']} LoRA slots per engine; attach a run with rollout.fleet={d['name']}")
+    elif args.action == "status":
+        print(format_status(fleet_status(cfg.fleet.name)))
+    else:
+        d = stop_fleet(cfg.fleet.name)
+        print(f"fleet {d['name']} stopped" + (f" (runs still attached lose it: {', '.join(d['runs_attached'])})"
+                                               if d["runs_attached"] else ""))
+    return 0
+
+
+def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
+    from .sweep import format_summary, run_sweep, trial_specs
+
+    files = args.config or [default_config()]
+    specs = trial_specs([f for f in files if f], args.all_overrides, args.grid or [], args.trials or [])
+    plan_gate(cfg)
+    summary = run_sweep(cfg, [f for f in files if f], args.all_overrides, specs, parallel=args.parallel)
+    print(format_summary(summary))
+    print(f"\nsweep: {cfg.output.run_dir.resolve() / 'sweep.md'}")
+    return 0 if all(r["status"] == "ok" for r in summary["trials"]) else 1
+
+
 def default_config() -> Optional[str]:
     """The embedded default run's config, when the repository's configs/ is beside the package
     (a clone, `make venv`, `pip install -e`); else None: the built-in defaults."""
@@ -471,6 +509,10 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "bench": (_cmd_bench, "a benchmark; writes benchmarks/results/<name>.json and prints its table"),
     "doctor": (_cmd_doctor, "smoke test of this machine's devices in minutes: engine, adapter hot swap, log-probs, "
                             "one learner update, a two-rank all-reduce (run it first on a new GPU machine)"),
+    "fleet": (_cmd_fleet, "a generator fleet shared by several runs: start | status | stop (runs attach with "
+                          "rollout.fleet=<name>)"),
+    "sweep": (_cmd_sweep, "PPO trials (--grid key=[a,b] ... or --trials a.yaml b.yaml) as Ray Tune trials sharing one "
+                          "generator fleet; writes a summary table"),
     "plan": (_cmd_plan, "per-actor memory and GPU placement from the model's config.json (no weights, no GPU)"),
     "objective-data": (_cmd_objective_data, "a classification set in a FewCLUE shape (EPRSTMT, TNEWS, OCNLI, BUSTM) "
                                             "as questions: SFT records and prompts with the answer, for label_match"),
@@ -488,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":  # before the overrides, which would otherwise swallow it
             p.add_argument("name", choices=[*BENCHMARKS, "all", "report"],
                            help="which benchmark; all: every one, then BENCHMARKS.md; report: BENCHMARKS.md only")
+        if name == "fleet":
+            p.add_argument("action", choices=["start", "status", "stop"])
         p.add_argument("--config", action="append", default=None, metavar="FILE",
                        help="YAML config; given again, each file is layered over the ones before it (a base, "
                             "then a preset). Default: configs/tiny_cpu.yaml, the embedded default run")
@@ -530,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "config":
             p.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
                            help="print every key (of SECTION) with its type, default and meaning instead")
+        if name == "fleet":
+            p.add_argument("--name", default=None, help="the fleet (default fleet.name)")
+        if name == "sweep":
+            p.add_argument("--grid", nargs="+", default=None, metavar="KEY=[A,B]",
+                           help="one trial per combination, e.g. ppo.kl_coef=[0.05,0.1] learner.lr=[1e-3,2e-3]")
+            p.add_argument("--trials", nargs="+", default=None, metavar="FILE",
+                           help="one trial per YAML file, each layered over --config")
+            p.add_argument("--parallel", type=int, default=None, help="trials at once (default: all)")
         if name == "plan":
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
             p.add_argument("--gpu-mem-gib", type=float, default=None,
