@@ -315,6 +315,7 @@ BENCHMARKS = {  # name -> (module under benchmarks/, function)
     "lora-targets": ("lora_targets", "run"), "recipes": ("recipes", "run"),
     "peft": ("peft", "run"),  # not in `bench all`: it needs the objective-question config
     "publish": ("publish", "run"),
+    "fleet": ("fleet", "run"),  # not in `bench all`: 12 PPO runs (minutes); four runs on one shared fleet vs own engines
     "engines": ("engines", "run"),  # the transformers rollout engine against vLLM on a decoder model
     "summarise": ("summarise", "run"),  # not in `bench all`: it needs the T5 config (configs/tiny_t5_cpu.yaml)
 }

@@ -67,34 +67,44 @@ def trial_specs(cfg_files: list[str], overrides: list[str], grid: Sequence[str],
     return specs
 
 
+def train_command(spec: dict, out_dir: str, address: str, fleet: Optional[str]) -> list[str]:
+    """The `rlhf-ray train` of one trial (``fleet`` None: with engines of its own)."""
+    return [sys.executable, "-m", "rlhf_ray.cli", "train", "--quiet", "--overwrite",
+            *[a for f in spec["files"] for a in ("--config", f)], *spec["overrides"],
+            *([f"rollout.fleet={fleet}"] if fleet else []), f"output.dir={out_dir}", f"output.name={spec['name']}",
+            f"cluster.address={address}"]
+
+
+def start_trial(spec: dict, out_dir: str, address: str, fleet: Optional[str], cwd: str) -> subprocess.Popen:
+    """The trial's driver process, its output in ``<out_dir>/<trial>.log`` and pid beside it."""
+    Path(out_dir, spec["name"]).mkdir(parents=True, exist_ok=True)
+    logf = open(Path(out_dir) / f"{spec['name']}.log", "w")
+    proc = subprocess.Popen(train_command(spec, out_dir, address, fleet), stdout=logf, stderr=subprocess.STDOUT,
+                            cwd=cwd, env={**os.environ, "RAY_ADDRESS": address})
+    logf.close()  # the child holds its own descriptor
+    (Path(out_dir) / f"{spec['name']}.pid").write_text(str(proc.pid))
+    return proc
+
+
 def _trial(config: dict) -> None:
     """A Tune trial: run `rlhf-ray train` for one spec, report its steps as they land."""
     from ray import tune
 
     spec = config["spec"]
-    run_dir = Path(config["out_dir"]) / spec["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "rlhf_ray.cli", "train", "--quiet", "--overwrite",
-           *[a for f in spec["files"] for a in ("--config", f)], *spec["overrides"],
-           f"rollout.fleet={config['fleet']}", f"output.dir={config['out_dir']}", f"output.name={spec['name']}",
-           f"cluster.address={config['address']}"]
-    metrics = run_dir / "metrics.jsonl"
+    metrics = Path(config["out_dir"]) / spec["name"] / "metrics.jsonl"
     log_path = Path(config["out_dir"]) / f"{spec['name']}.log"
+    proc = start_trial(spec, config["out_dir"], config["address"], config["fleet"], config["cwd"])
     seen = 0
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=config["cwd"],
-                                env={**os.environ, "RAY_ADDRESS": config["address"]})
-        (Path(config["out_dir"]) / f"{spec['name']}.pid").write_text(str(proc.pid))
-        while True:
-            rc = proc.poll()
-            lines = metrics.read_text().splitlines() if metrics.is_file() else []
-            for line in lines[seen:]:
-                if line.strip():
-                    tune.report(_tune_metrics(json.loads(line)))
-            seen = max(seen, len(lines))
-            if rc is not None:
-                break
-            time.sleep(1.0)
+    while True:
+        rc = proc.poll()
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        for line in lines[seen:]:
+            if line.strip():
+                tune.report(_tune_metrics(json.loads(line)))
+        seen = max(seen, len(lines))
+        if rc is not None:
+            break
+        time.sleep(1.0)
     if rc != 0:
         tail = log_path.read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"{spec['name']} ({spec['label']}) exited with {rc}: " + " | ".join(tail))
@@ -148,7 +158,7 @@ def run_sweep(cfg: Config, cfg_files: list[str], overrides: list[str], specs: li
     rows = []
     for res in results:
         spec = res.config["spec"]
-        rows.append(_row(spec, out_dir / spec["name"], res.error))
+        rows.append(trial_row(spec, out_dir / spec["name"], res.error))
     summary = {"fleet": fleet, "fleet_started_by_sweep": own_fleet, "ray": how, "wall_s": wall,
                "trials": rows, "fleet_after": {k: fleet_seen[k] for k in ("slots_used", "lora_slots", "ended")}}
     (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -156,14 +166,14 @@ def run_sweep(cfg: Config, cfg_files: list[str], overrides: list[str], specs: li
     return summary
 
 
-def _row(spec: dict, run_dir: Path, error: Optional[BaseException]) -> dict:
+def trial_row(spec: dict, run_dir: Path, error: Optional[BaseException]) -> dict:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
         if (run_dir / "metrics.jsonl").is_file() else []
     summary_path = run_dir / "ppo.json"
     summ = json.loads(summary_path.read_text()) if summary_path.is_file() and error is None else {}
     ev = (summ.get("eval") or {}).get("after") or {}
     return {"trial": spec["name"], "label": spec["label"], "status": "error" if error else "ok",
-            "error": str(error).splitlines()[0][:300] if error else None, "steps": len(records),
+            "error": _error_line(error) if error else None, "steps": len(records),
             "reward_first": records[0]["reward_mean"] if records else None,
             "reward_last": records[-1]["reward_mean"] if records else None,
             "kl_per_seq_last": records[-1]["kl_per_seq"] if records else None,
@@ -174,6 +184,13 @@ def _row(spec: dict, run_dir: Path, error: Optional[BaseException]) -> dict:
             "queue_wait_mean_s": (sum(r.get("fleet_queue_wait_s", 0.0) for r in records) / len(records)
                                   if records else None),
             "samples_per_s": summ.get("samples_per_s"), "run_dir": str(run_dir)}
+
+
+def _error_line(error: BaseException) -> str:
+    """The trial's own message, not the lines Ray wraps it in."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    mine = [x for x in lines if " exited with " in x]
+    return (mine[-1] if mine else lines[-1] if lines else repr(error))[:400]
 
 
 def format_summary(s: dict) -> str:

@@ -2,7 +2,6 @@
 (rlhf_ray/sweep.py): the slot table and the fair queue as pure functions, then one real
 fleet (a vLLM engine, detached actors on the session's head) that a killed driver's run and
 a three-trial Ray Tune sweep with a crashing trial attach to."""
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,103 @@
+"""fleet: four PPO runs (a sweep over ppo.kl_coef) sharing one fleet of two generators, against
+the same four runs each with an engine of its own, side by side and one after another, on one
+machine's cores. Each mode's wall time includes every engine start (the shared fleet's too)
+and each run's own start-up: aggregate samples/s = samples trained on / wall. The per-run
+rewards and KL on fixed seeds show what sharing changes in what a run learns (only float
+order: a batch mixing runs' requests computes the same sampled tokens' log-probs in other
+shapes)."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import table
+
+KL = [0.05, 0.1, 0.2, 0.4]
+
+
+def _overrides(cfg, steps: int) -> list[str]:
+    return [f"model.tiny_dir={cfg.model.tiny_dir}", f"model.path={cfg.model.path}" if cfg.model.path else "",
+            "ppo.base=model", "reward.rule=letter_e", f"ppo.steps={steps}", "learner.num_workers=1",
+            "output.trackers=[jsonl]", "rollout.max_staleness=0", "eval.num_prompts=4"]
+
+
+def _samples(out: Path, specs) -> tuple[int, list[dict]]:
+    from rlhf_ray.sweep import trial_row
+
+    rows = [trial_row(s, out / s["name"], None) for s in specs]
+    total = 0
+    for s in specs:
+        m = out / s["name"] / "metrics.jsonl"
+        total += sum(json.loads(x)["samples"] for x in m.read_text().splitlines() if x.strip()) if m.is_file() else 0
+    return total, rows
+
+
+def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
+    import os
+
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.launch import start_local_head
+    from rlhf_ray.models import resolve_model_path
+    from rlhf_ray.sweep import run_sweep, start_trial, trial_specs
+
+    resolve_model_path(cfg.model)  # the tiny model, built once before any run
+    steps = args.steps
+    base = [o for o in _overrides(cfg, steps) if o]
+    files = [str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")]
+    specs = trial_specs(files, base, [f"ppo.kl_coef={KL}".replace(" ", "")], [])
+    results: dict[str, Any] = {"modes": {}}
+    with tempfile.TemporaryDirectory(prefix="rr-fleet-") as tmp:
+        c = load_config(files, [*base, f"output.dir={tmp}", "output.name=shared", "rollout.num_engines=2",
+                                f"fleet.max_runs={len(KL)}", "fleet.max_staleness=0", "cluster.num_cpus=16"])
+        print(start_local_head(c, num_cpus=16, _temp_dir=tempfile.mkdtemp(prefix="rr-fleet-ray-", dir="/tmp")),
+              flush=True)
+        address = ray.get_runtime_context().gcs_address
+        try:
+            print("fleet: shared (4 runs, one fleet of 2 generators) ...", flush=True)
+            t = time.perf_counter()
+            run_sweep(c, files, base, specs)
+            wall = time.perf_counter() - t
+            n, rows = _samples(Path(tmp) / "shared", specs)
+            results["modes"]["shared"] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows}
+            one = [*base, "rollout.num_engines=1"]
+            sep = [dict(s, overrides=[*one, *s["overrides"][len(base):]]) for s in specs]
+            for mode, parallel in (("separate, side by side", True), ("separate, one after another", False)):
+                print(f"fleet: {mode} (4 runs, an engine each) ...", flush=True)
+                out = Path(tmp) / mode.replace(" ", "_").replace(",", "")
+                out.mkdir()
+                t = time.perf_counter()
+                if parallel:
+                    procs = [start_trial(s, str(out), address, None, os.getcwd()) for s in sep]
+                    codes = [p.wait() for p in procs]
+                else:
+                    codes = [start_trial(s, str(out), address, None, os.getcwd()).wait() for s in sep]
+                wall = time.perf_counter() - t
+                if any(codes):
+                    bad = [s["name"] for s, rc in zip(sep, codes) if rc]
+                    raise RuntimeError(f"fleet bench: {mode}: {bad} failed (logs in {out})")
+                n, rows = _samples(out, sep)
+                results["modes"][mode] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows}
+        finally:
+            ray.shutdown()
+    shared = results["modes"]["shared"]
+    for m in results["modes"].values():
+        m["shared_speedup"] = shared["samples_per_s"] / m["samples_per_s"]
+    sep = results["modes"]["separate, side by side"]["runs"]
+    results["max_reward_diff"] = max(abs(a["reward_last"] - b["reward_last"]) for a, b in zip(shared["runs"], sep))
+    results["max_kl_diff"] = max(abs(a["kl_per_seq_last"] - b["kl_per_seq_last"]) for a, b in zip(shared["runs"], sep))
+    results["max_logprob_gap"] = max(r["logprob_gap_max"] for m in results["modes"].values() for r in m["runs"])
+    text = table(["mode", "wall (s)", "samples", "samples/s", "shared is x faster"],
+                 [[k, f"{m['wall_s']:.0f}", m["samples"], f"{m['samples_per_s']:.2f}", f"{m['shared_speedup']:.2f}"]
+                  for k, m in results["modes"].items()])
+    text += "\n\n" + table(["run", "reward last (shared / own engine)", "KL/seq last (shared / own engine)"],
+                           [[f"kl_coef={k}", f"{a['reward_last']:.3f} / {b['reward_last']:.3f}",
+                             f"{a['kl_per_seq_last']:.3f} / {b['kl_per_seq_last']:.3f}"]
+                            for k, a, b in zip(KL, shared["runs"], sep)])
+    params = {"runs": len(KL), "kl_coef": KL, "steps": steps, "fleet_generators": 2, "own_engines": 1,
+              "prompts_per_step": cfg.ppo.prompts_per_step}
+    return params, results, text
