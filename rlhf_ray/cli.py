@@ -304,6 +304,13 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
             print(checkpoint_line(cfg, mine.step_s))
     else:
         print("rate model: only for GPU layouts (rollout.num_gpus > 0, learner.use_gpu, reward.num_gpus > 0)")
+    if args.fleet:
+        from .plan.fleet import fleet_plan, render_fleet
+        from .shared_fleet import fleet_max_model_len
+
+        print()
+        print(render_fleet(fleet_plan(cfg, shape, gpus=gpus, gpu_memory=memory,
+                                      max_model_len=fleet_max_model_len(cfg))))
     return 1 if plan.problems else 0
 
 
@@ -587,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: what the config asks for)")
             p.add_argument("--gpu-mem-gib", type=float, default=None,
                            help="memory of one GPU (default: cluster.gpu_memory_gib; RTX 3090: 24)")
+            p.add_argument("--fleet", action="store_true",
+                           help="also plan a shared generator fleet of this config's engines (fleet.max_runs runs): "
+                                "LoRA slots, KV cache, how many runs' learners fit beside it")
             p.add_argument("--nodes", type=int, default=None,
                            help="nodes the GPUs are spread over, evenly (default: cluster.nodes)")
         noise = p.add_mutually_exclusive_group()

@@ -23,7 +23,7 @@ def test_tiny_config_sections_and_overrides():
     assert cfg.cluster.address == "auto"
     assert {f.name for f in dataclasses.fields(cfg)} == {
         "model", "lora", "peft", "data", "sft", "rm", "rollout", "reward", "reference", "learner", "ppo", "guard",
-        "eval", "cluster", "output", "checkpoint"}
+        "eval", "cluster", "output", "checkpoint", "fleet"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.ppo.clip_eps = 0.3  # type: ignore[misc]
 
