@@ -106,8 +106,14 @@ def _trial(config: dict) -> None:
             break
         time.sleep(1.0)
     if rc != 0:
-        tail = log_path.read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"{spec['name']} ({spec['label']}) exited with {rc}: " + " | ".join(tail))
+        raise RuntimeError(f"{spec['name']} ({spec['label']}) exited with {rc}: {why_failed(log_path)}")
+
+
+def why_failed(log_path: Path) -> str:
+    """The CLI's own one-line error from a trial's log (progress bars and Ray's notices left out)."""
+    lines = [x.split("\r")[-1].strip() for x in log_path.read_text(errors="replace").splitlines()]
+    mine = [x[x.index("rlhf-ray "):] for x in lines if "rlhf-ray " in x and ": " in x]
+    return mine[-1] if mine else " | ".join([x for x in lines if x and "(raylet)" not in x][-3:])
 
 
 def _tune_metrics(record: dict) -> dict:
