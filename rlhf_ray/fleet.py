@@ -224,17 +224,8 @@ class RolloutFleet:
         for name, ref, c in pending.parts:
             # A generator lost mid-step: its whole share is generated again by a replacement
             # (its partial output never reached us, so nothing is counted twice).
-            part = self._call_or_replace(name, ref, lambda h, c=c: pending.send(h, c))
-            part.prompt_index = [c[i] for i in part.prompt_index]
-            part.prompts = [pending.prompt_texts[j] for j in part.prompt_index]
-            part.columns = [pending.columns[j] if pending.columns else {} for j in part.prompt_index]
-            part.where = [pending.where[j] if pending.where else f"prompt {j}" for j in part.prompt_index]
-            parts.append(part)
-        samples = Samples()
-        for part in parts:
-            samples.extend(part)
-        order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])  # stable: groups stay in order
-        return samples.reordered(order)
+            parts.append(placed(self._call_or_replace(name, ref, lambda h, c=c: pending.send(h, c)), c, pending))
+        return in_prompt_order(parts)
 
     def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], *, n: int,
                  seeds: Optional[list[int]] = None, columns: Optional[list[dict]] = None,
@@ -256,6 +247,24 @@ class RolloutFleet:
             _stop(self.members.pop())
         while self._building:
             _stop(self._building.pop())
+
+
+def placed(part: Samples, chunk: list[int], pending) -> Samples:
+    """A generator's reply to the prompts ``chunk`` of a dispatched rollout, with its
+    ``prompt_index`` into the whole rollout and each prompt's text, columns and origin."""
+    part.prompt_index = [chunk[i] for i in part.prompt_index]
+    part.prompts = [pending.prompt_texts[j] for j in part.prompt_index]
+    part.columns = [pending.columns[j] if pending.columns else {} for j in part.prompt_index]
+    part.where = [pending.where[j] if pending.where else f"prompt {j}" for j in part.prompt_index]
+    return part
+
+
+def in_prompt_order(parts: list[Samples]) -> Samples:
+    samples = Samples()
+    for part in parts:
+        samples.extend(part)
+    order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])  # stable: groups stay in order
+    return samples.reordered(order)
 
 
 def _stop(gen: tuple[str, Any]) -> None:

@@ -483,18 +483,10 @@ class SharedGenerator:
             box["done"].set()
 
     def _samples(self, req: Request) -> Samples:
-        samples = Samples()
-        for j, p in enumerate(req.prompt_ids):
-            out, version = req.outputs[j]
-            for c in out.outputs:
-                samples.prompt_ids.append(list(p))
-                samples.response_ids.append(list(c.token_ids))
-                samples.logprobs.append([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)])
-                samples.versions.append(version)
-                samples.finished.append(c.finish_reason == "stop")
-                samples.prompt_index.append(j)
-                samples.prompts.append(out.prompt or "")
-                samples.responses.append(c.text)
+        from .actors.rollout import samples_from_outputs
+
+        js = range(len(req.prompt_ids))
+        samples = samples_from_outputs(req.prompt_ids, [req.outputs[j][0] for j in js], [req.outputs[j][1] for j in js])
         samples.compute_s = time.monotonic() - req.sent_at
         samples.run = req.run  # checked by the client: a reply is for the run that asked
         samples.queue_wait_s = req.waited_s / max(1, len(req.prompt_ids))
@@ -883,21 +875,17 @@ class FleetClient:
         return pending
 
     def collect(self, pending: _Pending) -> Samples:
+        from .fleet import in_prompt_order, placed
         from .launch import call
 
-        samples = Samples()
+        parts = []
         for name, ref, c in pending.parts:
             part = call(name, ref, self.timeout)
             if getattr(part, "run", self.run) != self.run:
                 raise FleetError(f"{name} answered run {self.run!r} with samples of run {part.run!r}")
             self._waits.append(getattr(part, "queue_wait_s", 0.0))
-            part.prompt_index = [c[i] for i in part.prompt_index]
-            part.prompts = [pending.prompt_texts[j] for j in part.prompt_index]
-            part.columns = [pending.columns[j] if pending.columns else {} for j in part.prompt_index]
-            part.where = [pending.where[j] if pending.where else f"prompt {j}" for j in part.prompt_index]
-            samples.extend(part)
-        order = sorted(range(len(samples)), key=lambda i: samples.prompt_index[i])
-        return samples.reordered(order)
+            parts.append(placed(part, c, pending))
+        return in_prompt_order(parts)
 
     def generate(self, prompt_ids, prompt_texts, *, n: int, seeds=None, columns=None, where=None) -> Samples:
         return self.collect(self.dispatch(prompt_ids, prompt_texts, n=n, seeds=seeds, columns=columns, where=where))

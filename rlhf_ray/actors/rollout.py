@@ -133,18 +133,7 @@ class RolloutGenerator:
         params = self._params(n, None) if seeds is None else [self._params(n, s) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
                                  lora_request=self._lora if adapter else None, use_tqdm=False)
-        samples = Samples()
-        for i, (p, o) in enumerate(zip(prompt_ids, outs)):
-            for c in o.outputs:
-                samples.prompt_ids.append(list(p))
-                samples.response_ids.append(list(c.token_ids))
-                samples.logprobs.append([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)])
-                samples.versions.append(self.version if adapter else -1)
-                # "stop": EOS or a stop string; "length": cut at max_new_tokens.
-                samples.finished.append(c.finish_reason == "stop")
-                samples.prompt_index.append(i)
-                samples.prompts.append(o.prompt or "")
-                samples.responses.append(c.text)
+        samples = samples_from_outputs(prompt_ids, outs, [self.version if adapter else -1] * len(outs))
         samples.compute_s = time.perf_counter() - t
         return samples
 
@@ -176,6 +165,24 @@ class RolloutGenerator:
             except Exception as e:  # already stopped, or dying with its process anyway
                 logging.getLogger(__name__).debug("%s: engine shutdown: %s", self.name, e)
         self.memory.close()
+
+
+def samples_from_outputs(prompt_ids: list[list[int]], outs: list, versions: list[Optional[int]]) -> Samples:
+    """vLLM's outputs (one per prompt, with ``logprobs=0``) as :class:`Samples`, a prompt's
+    samples adjacent, each with the adapter version that made it (``versions``: per prompt)."""
+    samples = Samples()
+    for i, (p, o, v) in enumerate(zip(prompt_ids, outs, versions)):
+        for c in o.outputs:
+            samples.prompt_ids.append(list(p))
+            samples.response_ids.append(list(c.token_ids))
+            samples.logprobs.append([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)])
+            samples.versions.append(v)
+            # "stop": EOS or a stop string; "length": cut at max_new_tokens.
+            samples.finished.append(c.finish_reason == "stop")
+            samples.prompt_index.append(i)
+            samples.prompts.append(o.prompt or "")
+            samples.responses.append(c.text)
+    return samples
 
 
 def _sweep_dead(root: Path) -> None:
