@@ -654,7 +654,7 @@ class FleetConfig:
     name: str = "fleet"  # the fleet's Ray actors are named after it (namespace rlhf-ray-fleet)
     max_runs: int = 4  # runs attached at once; with max_staleness it sizes each engine's LoRA slots
     max_staleness: int = 1  # the largest rollout.max_staleness of a run it takes: a run holds that + 1 adapter versions
-    max_batch_samples: int = 256  # samples one engine round generates, runs taking turns within it by their share
+    max_batch_samples: int = 256  # samples in flight in one engine at once; runs take turns for room by their share
     max_model_len: Optional[int] = None  # null = rollout.max_model_len, else data.max_prompt_tokens + rollout.max_new_tokens
 
     def __post_init__(self) -> None:

@@ -9,8 +9,9 @@ generators); ``rlhf-ray train ... rollout.fleet=<name>`` attaches a run through
   slot reservation (its ``rollout.max_staleness`` + 1 versions); the engines have
   ``fleet.max_runs x (fleet.max_staleness + 1)`` slots. A generator retires a run's version only
   when none of that run's requests still needs it, so a new version never evicts one in use.
-- **Fairness**: each generator keeps a queue per run and fills each engine round by deficit
-  round-robin weighted by the runs' ``rollout.fleet_share`` (:class:`FairQueue`).
+- **Fairness**: each generator keeps a queue per run and batches continuously: between engine
+  steps it admits prompts while fewer than ``fleet.max_batch_samples`` samples are in flight,
+  taken by deficit round-robin weighted by the runs' ``rollout.fleet_share`` (:class:`FairQueue`).
 - **Leases**: a run holds a small actor of its own driver's; when that driver exits or is
   killed the actor dies with it, and the controller releases the run's adapters.
 """
@@ -102,6 +103,7 @@ class _Item:
     request: "Request"
     j: int  # its position in the request
     cost: int  # samples it makes
+    version: Optional[int] = None  # the adapter version that generates it (set when admitted)
 
 
 @dataclass
@@ -198,8 +200,8 @@ class FairQueue:
 # -- actors ----------------------------------------------------------------------------------
 class SharedGenerator:
     """One vLLM engine of a shared fleet. Ray calls arrive on several threads (a threaded
-    actor); only the engine thread touches the engine, so adapter loads and generation rounds
-    are serialised there."""
+    actor); only the engine thread touches the engine, so adapter loads and engine steps are
+    serialised there."""
 
     role = "rollout"
 
@@ -230,11 +232,12 @@ class SharedGenerator:
         self._latest: dict[str, int] = {}
         self._keep: dict[str, int] = {}
         self._released: set[str] = set()
-        self._in_round: list[_Item] = []
+        self._running: dict[str, _Item] = {}  # engine request id -> prompt in flight
+        self._request_ids = itertools.count()
         self._dir = None
         self.stats: dict[str, dict[str, float]] = {}
-        self.rounds = 0
-        self.round_samples = 0
+        self.steps = 0
+        self.step_samples = 0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -259,8 +262,8 @@ class SharedGenerator:
     def generate(self, run: str, version: int, prompt_ids: list[list[int]], seeds: Optional[list[int]], n: int,
                  sampling: dict) -> Samples:
         """``n`` samples per prompt with ``run``'s adapter ``version`` (a version already retired
-        is served by the run's newest; each sample says which version made it). Waits for the
-        engine rounds that take its prompts."""
+        is served by the run's newest; each sample says which version made it). Waits until
+        every prompt is generated (they join the running batch as room frees up)."""
         req = Request(run, version, prompt_ids, seeds, n, sampling)
         with self._cond:
             if run not in self._queue.queues:
@@ -275,8 +278,8 @@ class SharedGenerator:
 
     def status(self) -> dict:
         with self._cond:
-            return {"name": self.name, "rounds": self.rounds,
-                    "mean_round_samples": self.round_samples / self.rounds if self.rounds else 0.0,
+            return {"name": self.name, "steps": self.steps,
+                    "mean_batch_samples": self.step_samples / self.steps if self.steps else 0.0,
                     "queue_depth": {r: self._queue.depth(r) for r in self._queue.queues},
                     "adapters": {r: sorted(v) for r, v in self._loras.items()},
                     "loaded_loras": len(self.llm.llm_engine.list_loras()),
@@ -320,9 +323,13 @@ class SharedGenerator:
         return r.version in self._loras.get(r.run, {}) or r.version < self._latest.get(r.run, -1)
 
     def _loop(self) -> None:
+        """Continuous batching: between two engine steps the thread runs waiting jobs (adapter
+        loads) and admits prompts of every run while fewer than ``max_batch_samples`` samples are
+        in flight, so a run's request joins the batch already running instead of waiting for
+        it to end, and a load waits at most one step."""
         while True:
             with self._cond:
-                while not self._stop and not self._jobs and \
+                while not self._stop and not self._jobs and not self._running and \
                         not any(self._ready(it) for q in self._queue.queues.values() for it in q):
                     self._cond.wait(timeout=1.0)
                 if self._stop:
@@ -340,10 +347,12 @@ class SharedGenerator:
                 box["done"].set()
             with self._cond:
                 self._jobs.extendleft(reversed(deferred))
-                items = self._queue.take(self.budget, self._ready)
-                self._in_round = items
+                room = self.budget - sum(it.cost for it in self._running.values())
+                items = self._queue.take(room, self._ready) if room > 0 else []
             if items:
-                self._round(items)
+                self._admit(items)
+            if self._running:
+                self._step()
             elif deferred:
                 time.sleep(0.01)  # a load waiting for a version in use, with nothing else to run
 
@@ -394,7 +403,8 @@ class SharedGenerator:
     def _in_use(self, run: str, version: int) -> bool:
         with self._cond:
             q = self._queue.queues.get(run, ())
-            return any(it.request.version == version for it in [*q, *self._in_round] if it.request.run == run)
+            running = [it for it in self._running.values() if it.request.run == run]
+            return any(it.request.version == version for it in q) or any(it.version == version for it in running)
 
     def _add(self, run: str, adapter, lora_id: int) -> dict:
         from vllm.lora.request import LoRARequest
@@ -432,46 +442,62 @@ class SharedGenerator:
         self.llm.llm_engine.remove_lora(request.lora_int_id)
         remove_adapter_dir(Path(request.lora_path))
 
-    def _round(self, items: list[_Item]) -> None:
+    def _admit(self, items: list[_Item]) -> None:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        start = time.monotonic()
-        prompts, params, loras, used = [], [], [], []
+        now = time.monotonic()
         for it in items:
             r = it.request
             held = self._loras.get(r.run, {})
-            version = r.version if r.version in held else self._latest.get(r.run)
+            it.version = r.version if r.version in held else self._latest.get(r.run)
             s = r.sampling
-            prompts.append({"prompt_token_ids": r.prompt_ids[it.j]})
-            params.append(SamplingParams(n=r.n, temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
-                                         max_tokens=s["max_new_tokens"], logprobs=0,
-                                         seed=r.seeds[it.j] if r.seeds is not None else None))
-            loras.append(held.get(version))
-            used.append(version)
-            r.waited_s += start - r.sent_at
+            params = SamplingParams(n=r.n, temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+                                    max_tokens=s["max_new_tokens"], logprobs=0,
+                                    seed=r.seeds[it.j] if r.seeds is not None else None,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            r.waited_s += now - r.sent_at
+            stats = self.stats.get(r.run)
+            if stats is not None:
+                stats["wait_s"] += now - r.sent_at
+            key = str(next(self._request_ids))
+            try:
+                self.llm.llm_engine.add_request(key, {"prompt_token_ids": r.prompt_ids[it.j]}, params,
+                                                lora_request=held.get(it.version))
+            except Exception as e:  # this prompt's request hears it; the others go on
+                self._finish(it, None, f"{self.name}: generation failed: {e!r}")
+                continue
+            self._running[key] = it
+
+    def _step(self) -> None:
+        self.steps += 1
+        self.step_samples += sum(it.cost for it in self._running.values())
         try:
-            outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-            error = None
-        except Exception as e:  # every request of the round hears it; the engine thread goes on
-            outs, error = [None] * len(items), f"{self.name}: generation failed: {e!r}"
+            outs = self.llm.llm_engine.step()
+        except Exception as e:  # every request in flight hears it; the engine thread goes on
+            why = f"{self.name}: generation failed: {e!r}"
+            for key in list(self._running):
+                self.llm.llm_engine.abort_request([key])
+                self._finish(self._running.pop(key), None, why)
+            return
+        for out in outs:
+            if out.finished and out.request_id in self._running:
+                self._finish(self._running.pop(out.request_id), out, None)
+
+    def _finish(self, it: _Item, out, error: Optional[str]) -> None:
+        r = it.request
         with self._cond:
-            self.rounds += 1
-            self.round_samples += sum(it.cost for it in items)
-            for it, out, version in zip(items, outs, used):
-                r = it.request
-                if error:
-                    r.error = error
-                r.outputs[it.j] = (out, version)
-                s = self.stats.get(r.run)
-                if s is not None:
-                    s["samples"] += it.cost
-                    s["prompts"] += 1
-                    s["wait_s"] += start - r.sent_at
-                if r.finished() or error:
-                    if s is not None and r.finished():
-                        s["requests"] += 1
-                    r.done.set()
-            self._in_round = []
+            if error:
+                r.error = error
+            r.outputs[it.j] = (out, it.version)
+            s = self.stats.get(r.run)
+            if s is not None and not error:
+                s["samples"] += it.cost
+                s["prompts"] += 1
+            if r.finished() or error:
+                if s is not None and r.finished() and not r.error:
+                    s["requests"] += 1
+                r.done.set()
 
     def _fail_all(self, why: str) -> None:
         for run in list(self._queue.queues):
@@ -749,7 +775,7 @@ def format_status(st: dict) -> str:
         if "error" in g:
             lines.append(f"  {n}: UNREACHABLE ({g['error']})")
             continue
-        lines.append(f"  {n}: {g['rounds']} rounds, {g['mean_round_samples']:.1f} samples per round, "
+        lines.append(f"  {n}: {g['steps']} engine steps, {g['mean_batch_samples']:.1f} samples in flight per step, "
                      f"{g['loaded_loras']} adapters loaded, queue {sum(g['queue_depth'].values())} samples")
     if not st["runs"]:
         lines.append("  no run attached")
