@@ -1,10 +1,17 @@
 """fleet: four PPO runs (a sweep over ppo.kl_coef) sharing one fleet of two generators, against
 the same four runs each with an engine of its own, side by side and one after another, on one
 machine's cores. Each mode's wall time includes every engine start (the shared fleet's too)
-and each run's own start-up: aggregate samples/s = samples trained on / wall. The per-run
+and each run's own start-up: aggregate samples/s = samples trained on / wall. Steady samples/s
+leaves start-up out: the samples of every step after a run's first, over the time during which
+at least one run was stepping (the union of the runs' first-to-last step spans). The per-run
 rewards and KL on fixed seeds show what sharing changes in what a run learns (only float
 order: a batch mixing runs' requests computes the same sampled tokens' log-probs in other
-shapes)."""
+shapes).
+
+What bounds the steady ratio on a machine whose cores are all busy: sharing saves only
+generation work (a bigger batch costs less per sample; fewer engines contend for the cores), so
+with generation a fraction g of a lone run's step the steady gain stays below 1 / (1 - g); the
+benchmark measures g from the runs made one after another and reports that bound."""
 from __future__ import annotations
 
 import json
@@ -22,6 +29,32 @@ def _overrides(cfg, steps: int) -> list[str]:
     return [f"model.tiny_dir={cfg.model.tiny_dir}", f"model.path={cfg.model.path}" if cfg.model.path else "",
             "ppo.base=model", "reward.rule=letter_e", f"ppo.steps={steps}", "learner.num_workers=1",
             "output.trackers=[jsonl]", "rollout.max_staleness=0", "eval.num_prompts=4"]
+
+
+def _records(out: Path, specs) -> list[list[dict]]:
+    runs = []
+    for s in specs:
+        m = out / s["name"] / "metrics.jsonl"
+        runs.append([json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else [])
+    return runs
+
+
+def steady(runs: list[list[dict]]) -> dict[str, float]:
+    """Samples of every step after each run's first, over the union of the runs' spans from
+    their first step's end to their last one's (start-up and the first step left out)."""
+    spans = sorted((r[0]["ended_at"], r[-1]["ended_at"]) for r in runs if len(r) > 1)
+    covered, end = 0.0, float("-inf")
+    for a, b in spans:
+        covered += max(0.0, b - max(a, end))
+        end = max(end, b)
+    n = sum(x["samples"] for r in runs for x in r[1:])
+    return {"steady_s": covered, "steady_samples": n, "steady_samples_per_s": n / covered if covered else 0.0}
+
+
+def generation_share(runs: list[list[dict]]) -> float:
+    """The generate stage's share of a lone run's step time (steps after the first)."""
+    steps = [x for r in runs for x in r[1:]]
+    return sum(x["time_s"]["generate"] for x in steps) / max(1e-9, sum(x["time_s"]["total"] for x in steps))
 
 
 def _samples(out: Path, specs) -> tuple[int, list[dict]]:
@@ -63,7 +96,8 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
             run_sweep(c, files, base, specs)
             wall = time.perf_counter() - t
             n, rows = _samples(Path(tmp) / "shared", specs)
-            results["modes"]["shared"] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows}
+            results["modes"]["shared"] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows,
+                                          **steady(_records(Path(tmp) / "shared", specs))}
             one = [*base, "rollout.num_engines=1"]
             sep = [dict(s, overrides=[*one, *s["overrides"][len(base):]]) for s in specs]
             for mode, parallel in (("separate, side by side", True), ("separate, one after another", False)):
@@ -81,19 +115,28 @@ def run(cfg, args) -> tuple[dict[str, Any], dict[str, Any], str]:
                     bad = [s["name"] for s, rc in zip(sep, codes) if rc]
                     raise RuntimeError(f"fleet bench: {mode}: {bad} failed (logs in {out})")
                 n, rows = _samples(out, sep)
-                results["modes"][mode] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows}
+                results["modes"][mode] = {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows,
+                                          **steady(_records(out, sep))}
+                if not parallel:
+                    results["generation_share_alone"] = generation_share(_records(out, sep))
         finally:
             ray.shutdown()
     shared = results["modes"]["shared"]
     for m in results["modes"].values():
         m["shared_speedup"] = shared["samples_per_s"] / m["samples_per_s"]
+        m["shared_steady_speedup"] = shared["steady_samples_per_s"] / m["steady_samples_per_s"]
+    results["steady_bound"] = 1 / (1 - results["generation_share_alone"])
     sep = results["modes"]["separate, side by side"]["runs"]
     results["max_reward_diff"] = max(abs(a["reward_last"] - b["reward_last"]) for a, b in zip(shared["runs"], sep))
     results["max_kl_diff"] = max(abs(a["kl_per_seq_last"] - b["kl_per_seq_last"]) for a, b in zip(shared["runs"], sep))
     results["max_logprob_gap"] = max(r["logprob_gap_max"] for m in results["modes"].values() for r in m["runs"])
-    text = table(["mode", "wall (s)", "samples", "samples/s", "shared is x faster"],
-                 [[k, f"{m['wall_s']:.0f}", m["samples"], f"{m['samples_per_s']:.2f}", f"{m['shared_speedup']:.2f}"]
+    text = table(["mode", "wall (s)", "samples", "samples/s", "shared is x faster", "steady samples/s",
+                  "shared is x faster (steady)"],
+                 [[k, f"{m['wall_s']:.0f}", m["samples"], f"{m['samples_per_s']:.2f}", f"{m['shared_speedup']:.2f}",
+                   f"{m['steady_samples_per_s']:.2f}", f"{m['shared_steady_speedup']:.2f}"]
                   for k, m in results["modes"].items()])
+    text += (f"\n\nGeneration is {results['generation_share_alone']:.0%} of a lone run's step, so sharing the "
+             f"generators can make the steady rate at most {results['steady_bound']:.2f}x faster here.")
     text += "\n\n" + table(["run", "reward last (shared / own engine)", "KL/seq last (shared / own engine)"],
                            [[f"kl_coef={k}", f"{a['reward_last']:.3f} / {b['reward_last']:.3f}",
                              f"{a['kl_per_seq_last']:.3f} / {b['kl_per_seq_last']:.3f}"]

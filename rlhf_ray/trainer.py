@@ -589,6 +589,7 @@ class PPOTrainer:
             "overhead_frac": max(0.0, times["total"] - sum(compute.values())) / times["total"],
             "tokens_per_s": n_tokens / times["total"],
             "samples_per_s": len(samples) / times["total"],
+            "ended_at": time.time(),  # wall clock: lines runs up side by side (a sweep, a shared fleet)
             "generate_tokens_per_s": n_tokens / max(times["generate"], 1e-9),
             "reward_mean": float(exp.scores.mean()),
             "reward_std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0,

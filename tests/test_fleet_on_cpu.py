@@ -62,6 +62,21 @@ def test_a_deep_queue_does_not_starve_a_shallow_one_and_shares_weight_them():
     assert [it.request for it in got] == [ready, ready] and q3.depth("a") == 1
 
 
+def test_the_fleet_benchmarks_steady_rate_leaves_start_up_out_and_counts_overlap_once():
+    from benchmarks.fleet import generation_share, steady
+
+    def run(ends, samples=32):
+        return [{"ended_at": t, "samples": samples, "time_s": {"generate": 1.0, "total": 4.0}} for t in ends]
+
+    # side by side: spans 10-20 and 15-25 cover 15 s; the first steps (start-up) are left out
+    together = steady([run([10, 15, 20]), run([15, 20, 25])])
+    assert together == {"steady_s": 15.0, "steady_samples": 128, "steady_samples_per_s": 128 / 15}
+    # one after another: the spans add up
+    assert steady([run([10, 15, 20]), run([30, 35, 40])])["steady_s"] == 20.0
+    assert steady([run([10])])["steady_samples_per_s"] == 0.0  # one step: nothing steady
+    assert generation_share([run([1, 2]), run([3, 4])]) == 0.25
+
+
 def test_grids_and_trial_files_become_checked_trials(tmp_path):
     assert parse_grid(["ppo.kl_coef=[0.05,0.2]", "learner.lr=1e-3"]) == [
         ["ppo.kl_coef=0.05", "learner.lr=1e-3"], ["ppo.kl_coef=0.2", "learner.lr=1e-3"]]
