@@ -527,7 +527,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
 }
 
 
-REHEARSABLE = ("sft", "train-rm", "train", "run")
+REHEARSABLE = ("sft", "train-rm", "train", "run", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -586,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", default=None, help="the fleet (default fleet.name)")
         if name == "sweep":
             p.add_argument("--grid", nargs="+", default=None, metavar="KEY=[A,B]",
-                           help="one trial per combination, e.g. ppo.kl_coef=[0.05,0.1] learner.lr=[1e-3,2e-3]")
+                           help="one trial per combination, e.g. ppo.kl_coef=[0.05,0.1] learner.lr=[1e-3,2e-3] (a key=value "
+                                 "without brackets applies to every trial)")
             p.add_argument("--trials", nargs="+", default=None, metavar="FILE",
                            help="one trial per YAML file, each layered over --config")
             p.add_argument("--parallel", type=int, default=None, help="trials at once (default: all)")
@@ -695,6 +696,12 @@ def _main(argv: Sequence[str]) -> int:
         # `train --resume key=value`: the override, not a directory, followed the flag.
         extra.insert(0, args.resume)
         args.resume = ""
+    if getattr(args, "grid", None):
+        # Overrides typed after --grid land in it: a key=value without a [list] is an override of
+        # every trial, and of the sweep's own fleet, not an axis of one value.
+        axes = [g for g in args.grid if "=" not in g or g.split("=", 1)[1].lstrip().startswith("[")]
+        extra += [g for g in args.grid if g not in axes]
+        args.grid = axes
     args.all_overrides = [*args.overrides, *extra]
     from .logs import setup_logging
 

@@ -67,6 +67,21 @@ def trial_specs(cfg_files: list[str], overrides: list[str], grid: Sequence[str],
     return specs
 
 
+def rehearsed_specs(specs: list[dict], out_dir: Path) -> list[dict]:
+    """A rehearsed sweep's trials: each trial's config rehearsed here, once, and written to
+    ``<out_dir>/<trial>.yaml`` for its `rlhf-ray train` (which then needs no --rehearse, so the
+    trials and the fleet serve one tiny stand-in model: the one under ``output.dir``)."""
+    from .config import dump_config
+    from .rehearse import rehearsal_config
+
+    out = []
+    for s in specs:
+        path = out_dir / f"{s['name']}.yaml"
+        path.write_text(dump_config(rehearsal_config(load_config(s["files"], s["overrides"]))))
+        out.append({**s, "files": [str(path)], "overrides": []})
+    return out
+
+
 def train_command(spec: dict, out_dir: str, address: str, fleet: Optional[str]) -> list[str]:
     """The `rlhf-ray train` of one trial (``fleet`` None: with engines of its own)."""
     return [sys.executable, "-m", "rlhf_ray.cli", "train", "--quiet", "--overwrite",
@@ -138,6 +153,8 @@ def run_sweep(cfg: Config, cfg_files: list[str], overrides: list[str], specs: li
     if cfg.rollout.fleet is None:
         policy_base(cfg)  # a missing SFT model fails before a head or fleet starts
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.cluster.rehearse:
+        specs = rehearsed_specs(specs, out_dir)
     how = connect(cfg)
     own_fleet = cfg.rollout.fleet is None
     fleet = cfg.rollout.fleet or f"sweep-{cfg.output.name}"

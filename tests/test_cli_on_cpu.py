@@ -76,6 +76,21 @@ def test_dashed_overrides_are_accepted_and_a_key_without_value_is_answered():
     assert spaced.returncode == 2 and "ppo.clip_eps=VALUE" in spaced.stderr
 
 
+def test_overrides_typed_after_a_sweeps_grid_are_overrides_of_every_trial(monkeypatch):
+    from rlhf_ray import cli
+
+    seen = {}
+
+    def sweep(cfg, args):
+        seen.update(steps=cfg.ppo.steps, grid=args.grid)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "sweep", (sweep, "x"))
+    assert cli.main(["sweep", "--config", TINY, "--grid", "ppo.kl_coef=[0.1,0.2]", "ppo.steps=3"]) == 0
+    assert seen == {"steps": 3, "grid": ["ppo.kl_coef=[0.1,0.2]"]}
+    assert cli.main(["sweep", "--config", TINY, "--grid", "ppo.kl_coef=[0.1]", "ppo.stepz=3"]) == 2  # checked first
+
+
 def test_config_explain_prints_the_reference():
     r = rlhf_ray("config", "--explain", "learner")
     assert r.returncode == 0, r.stderr

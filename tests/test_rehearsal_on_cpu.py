@@ -111,3 +111,35 @@ def test_rehearsal_config_keeps_every_request_and_shrinks_the_sizes(tmp_path):
     assert tiny.num_attention_heads // tiny.num_key_value_heads == 2
     rope = json.loads((Path(reh.model.path) / "config.json").read_text())
     assert "500000" in json.dumps(rope)  # the family's rotary base, wherever transformers files it
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # on the same two simulated nodes
+def test_a_sweep_rehearsed_on_two_nodes_shares_one_fleet_beside_its_learners(two_nodes, tmp_path):
+    """Two trials of the 8x3090 config on one fleet of two generators: 2 GPUs for the fleet, and
+    per trial 2 learner ranks and the reward role, 8 in all. The planner says so first."""
+    layout = ["ppo.base=model", "reward.rule=letter_e", "rollout.num_engines=2", "learner.num_workers=2",
+              "fleet.max_runs=2"]
+    config = str(ROOT / "configs/llama2_7b_lora_8x3090.yaml")
+    plan = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "plan", "--fleet", "--gpus", "8", "--config", config,
+                           *layout], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    assert "each needs 3 GPU(s)" in plan.stdout and "6 left -> 2 run(s) at once" in plan.stdout, plan.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "rlhf_ray.cli", "sweep", "--rehearse", "--config", config,
+         "--grid", "ppo.kl_coef=[0.05,0.2]", *layout, f"cluster.address={two_nodes.address}",
+         f"output.dir={tmp_path}"], capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    sweep_dir = tmp_path / "llama2_7b_lora_8x3090_rehearsal"
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["ok", "ok"], summary["trials"]
+    for t in summary["trials"]:
+        # the generators on their GPUs served each trial its own adapter versions, across nodes
+        assert t["steps"] == 2 and t["stale_samples"] == 0 and t["logprob_gap_max"] < 1e-3, t
+        where = json.loads((Path(t["run_dir"]) / "placement.json").read_text())
+        learners = [where[f"learner-{i}"] for i in range(2)]
+        assert all(len(w["gpu_ids"]) == 1 for w in [*learners, where["reward"]]), where
+        assert not any(k.startswith("rollout-") for k in where), where  # no engines of its own
+        fleet = {k: w for k, w in where.items() if ":gen-" in k}
+        assert len(fleet) == 2 and all(len(w["gpu_ids"]) == 1 for w in fleet.values()), where
+    assert summary["fleet_after"]["slots_used"] == 0
