@@ -548,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
             p.add_argument("--allow-dirty", action="store_true",
                            help="all: run from a tree with uncommitted changes (results marked uncommitted)")
-            p.add_argument("--repeats", type=int, default=3, help="rollout, engines: timed rounds; startup: rounds of every variant")
+            p.add_argument("--repeats", type=int, default=3,
+                           help="rollout, engines: timed rounds; startup: rounds of every variant; fleet: alternating "
+                                "repeats of its three modes")
             p.add_argument("--num-prompts", type=int, default=64, help="rollout, engines: prompts per round")
             p.add_argument("--publishes", type=int, default=100, help="sync: publishes per fleet size")
             p.add_argument("--soak", type=int, default=1000, help="sync: soak publishes")

@@ -76,6 +76,21 @@ def test_the_fleet_benchmarks_steady_rate_leaves_start_up_out_and_counts_overlap
     assert steady([run([10])])["steady_samples_per_s"] == 0.0  # one step: nothing steady
     assert generation_share([run([1, 2]), run([3, 4])]) == 0.25
 
+    from benchmarks.fleet import MODES, summarise
+
+    def mode(rate, steady_rate, share=0.5):
+        rows = [{"reward_last": 0.1, "kl_per_seq_last": 0.2, "logprob_gap_max": 1e-7}] * 4
+        return {"wall_s": 640 / rate, "samples": 640, "samples_per_s": rate, "steady_samples_per_s": steady_rate,
+                "generation_share": share, "runs": rows}
+
+    rates = {"shared": [(6, 40), (8, 44), (7, 42)], "separate, side by side": [(5, 20), (7, 22), (6, 21)],
+             "separate, one after another": [(8, 40), (8, 42), (8, 41)]}
+    results, text = summarise({m: [mode(*r) for r in rates[m]] for m in MODES})
+    side = results["modes"]["separate, side by side"]
+    assert side["samples_per_s"] == 6 and side["shared_speedup"] == 7 / 6 and side["shared_steady_speedup"] == 2.0
+    assert side["shared_speedup_per_repeat"] == [6 / 5, 8 / 7, 7 / 6]
+    assert results["steady_bound"] == 2.0 and "Medians of 3 alternating repeats" in text
+
 
 def test_grids_and_trial_files_become_checked_trials(tmp_path):
     assert parse_grid(["ppo.kl_coef=[0.05,0.2]", "learner.lr=1e-3"]) == [
