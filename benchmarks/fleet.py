@@ -58,24 +58,13 @@ def generation_share(runs: list[list[dict]]) -> float:
     return sum(x["time_s"]["generate"] for x in steps) / max(1e-9, sum(x["time_s"]["total"] for x in steps))
 
 
-def _samples(out: Path, specs) -> tuple[int, list[dict]]:
-    from rlhf_ray.sweep import trial_row
-
-    rows = [trial_row(s, out / s["name"], None) for s in specs]
-    total = 0
-    for s in specs:
-        m = out / s["name"] / "metrics.jsonl"
-        total += sum(json.loads(x)["samples"] for x in m.read_text().splitlines() if x.strip()) if m.is_file() else 0
-    return total, rows
-
-
 def _mode(tmp: Path, mode: str, rep: int, specs: list[dict], address: str, fleet_cfg=None) -> dict:
     """One mode's four runs, started the same way in every mode (a driver process each): with
     ``fleet_cfg`` attached to a fleet started (and stopped) inside the timed span."""
     import os
 
     from rlhf_ray.shared_fleet import start_fleet, stop_fleet
-    from rlhf_ray.sweep import start_trial
+    from rlhf_ray.sweep import start_trial, trial_row
 
     out = tmp / f"{mode.replace(' ', '_').replace(',', '')}-{rep}"
     out.mkdir()
@@ -97,8 +86,9 @@ def _mode(tmp: Path, mode: str, rep: int, specs: list[dict], address: str, fleet
     if any(codes):
         bad = [s["name"] for s, rc in zip(specs, codes) if rc]
         raise RuntimeError(f"fleet bench: {mode}: {bad} failed (logs in {out})")
-    n, rows = _samples(out, specs)
     records = _records(out, specs)
+    n = sum(x["samples"] for r in records for x in r)
+    rows = [trial_row(s, out / s["name"], None) for s in specs]
     return {"wall_s": wall, "samples": n, "samples_per_s": n / wall, "runs": rows, **steady(records),
             **({"generation_share": generation_share(records)} if mode == "separate, one after another" else {})}
 
